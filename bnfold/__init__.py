@@ -1,0 +1,8 @@
+"""bnfold: fold BatchNorm into neighbouring layers, verified and measured."""
+
+from bnfold.errors import BnfoldError
+from bnfold.report import FoldReport, LayerEntry
+from bnfold.torch_fold import fold
+
+__all__ = ["BnfoldError", "FoldReport", "LayerEntry", "fold"]
+__version__ = "0.1.0"

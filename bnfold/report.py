@@ -1,0 +1,123 @@
+"""FoldReport: what a fold pass did with every BatchNorm it met, and why."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+__all__ = [
+    "FOLDED_INTO_FOLLOWING",
+    "FOLDED_INTO_PRECEDING",
+    "FOLDED_INTO_PRODUCERS",
+    "KEPT",
+    "FoldReport",
+    "LayerEntry",
+]
+
+FOLDED_INTO_PRECEDING = "folded into preceding"
+FOLDED_INTO_FOLLOWING = "folded into following"
+FOLDED_INTO_PRODUCERS = "folded into producers"
+KEPT = "kept"
+
+
+@dataclasses.dataclass
+class LayerEntry:
+    """One BatchNorm and what happened to it.
+
+    Attributes:
+        name: Module qualified name (PyTorch) or node name (ONNX).
+        kind: The BN's type, e.g. ``BatchNorm2d`` or ``BatchNormalization``.
+        action: One of the ``FOLDED_*`` constants or ``KEPT``.
+        targets: Layers that absorbed the BN (empty when kept).
+        reason: Why the BN was kept; empty when folded.
+        notes: Anything else a user should know (subnormals flushed, copies made).
+
+    """
+
+    name: str
+    kind: str
+    action: str = KEPT
+    targets: list[str] = dataclasses.field(default_factory=list)
+    reason: str = ""
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def folded(self) -> bool:
+        """Whether this BN is gone from the result."""
+        return self.action != KEPT
+
+
+@dataclasses.dataclass
+class FoldReport:
+    """The per-BN outcome of one fold pass, plus totals.
+
+    Attributes:
+        method: How the data flow was found (``torch.fx``, ``recorded``, ``onnx``).
+        layers: One entry per BN, in graph order.
+        notes: Model-level remarks (e.g. the limits of the method used).
+
+    """
+
+    method: str
+    layers: list[LayerEntry] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def bn_total(self) -> int:
+        """Number of BatchNorms met."""
+        return len(self.layers)
+
+    @property
+    def bn_folded(self) -> int:
+        """Number of BatchNorms folded away."""
+        return sum(entry.folded for entry in self.layers)
+
+    @property
+    def bn_kept(self) -> int:
+        """Number of BatchNorms left in the result."""
+        return self.bn_total - self.bn_folded
+
+    def entry(self, name: str) -> LayerEntry:
+        """The entry for the BN called ``name``.
+
+        Raises:
+            KeyError: No BN of that name was met.
+
+        """
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary with totals and one record per BN."""
+        return {
+            "method": self.method,
+            "bn_total": self.bn_total,
+            "bn_folded": self.bn_folded,
+            "bn_kept": self.bn_kept,
+            "layers": [dataclasses.asdict(layer) for layer in self.layers],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self) -> str:
+        """The report as indented JSON."""
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        """A readable table: one row per BN, then the totals."""
+        rows = [("BN", "kind", "action", "into / reason")]
+        for layer in self.layers:
+            detail = ", ".join(layer.targets) if layer.folded else layer.reason
+            if layer.notes:
+                detail += f" ({'; '.join(layer.notes)})"
+            rows.append((layer.name, layer.kind, layer.action, detail))
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3] for row in rows]
+        lines.insert(1, "-" * min(100, sum(widths) + 6 + max(len(row[3]) for row in rows)))
+        lines.append(
+            f"{self.bn_total} BatchNorm(s): {self.bn_folded} folded, {self.bn_kept} kept (data flow: {self.method})"
+        )
+        lines.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(line.rstrip() for line in lines)

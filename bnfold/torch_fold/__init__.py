@@ -1,0 +1,5 @@
+"""The PyTorch fold pass: BatchNorm modules folded into neighbouring Conv/Linear layers."""
+
+from bnfold.torch_fold.fold import fold
+
+__all__ = ["fold"]

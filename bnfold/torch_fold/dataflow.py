@@ -1,0 +1,267 @@
+"""The data flow of a torch model: which call made, and which calls read, each tensor.
+
+Two ways to find it: torch.fx symbolic tracing (no inputs needed, sees every
+branch of the traced program) and, for models fx cannot trace, recording one
+run on example inputs with module hooks plus a TorchFunctionMode that sees every
+torch function and tensor method called outside those modules.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from bnfold.torch_fold.kinds import is_atomic
+
+__all__ = ["BATCH_NORM_FUNCTIONS", "Call", "DataFlow", "record", "trace"]
+
+logger = logging.getLogger(__name__)
+
+BATCH_NORM_FUNCTIONS = (F.batch_norm, torch.batch_norm)
+# Reading these from a tensor does not depend on its values, so it is not a use.
+_METADATA = frozenset(
+    {"size", "dim", "numel", "shape", "dtype", "device", "ndim", "is_contiguous", "__len__", "layout", "is_cuda"}
+)
+
+
+@dataclasses.dataclass(eq=False)
+class Call:
+    """One operation in the data flow.
+
+    Attributes:
+        op: ``input``, ``module``, ``function``, ``constant`` or ``output``.
+        target: Module qualified name, the function (or method name), or the
+            attribute path of a constant.
+        inputs: Value ids read, in argument order (a value read twice appears twice).
+        output: Value id written, or None.
+        args: The call's positional arguments (fx nodes or recorded objects),
+            for reading constants such as ``torch.cat``'s ``dim``.
+        kwargs: The call's keyword arguments.
+        fx_node: The fx node, when the flow came from tracing.
+
+    """
+
+    op: str
+    target: Any
+    inputs: list[int]
+    output: int | None
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    fx_node: fx.Node | None = None
+
+    def describe(self) -> str:
+        """A short human name for the report."""
+        if self.op == "module":
+            return str(self.target)
+        if self.op == "function":
+            return getattr(self.target, "__name__", str(self.target))
+        if self.op == "input":
+            return "a model input"
+        if self.op == "output":
+            return "the model output"
+        return f"constant {self.target}"
+
+
+@dataclasses.dataclass
+class DataFlow:
+    """A model's data flow, plus what the fold checks need to know about it.
+
+    Attributes:
+        method: ``torch.fx`` or ``recorded``.
+        calls: Operations in execution order.
+        modules: The modules by qualified name (each module object once).
+        module_calls: How many times each module object (by ``id``) is called.
+        ranks: Rank of each value, where known.
+        external_tensors: ``id`` of parameters and buffers read outside their
+            module's own call (e.g. ``F.conv2d(x, self.conv.weight)``).
+        graph_module: The traced GraphModule (fx only).
+
+    """
+
+    method: str
+    calls: list[Call]
+    modules: dict[str, nn.Module]
+    module_calls: collections.Counter
+    ranks: dict[int, int]
+    external_tensors: set[int]
+    graph_module: fx.GraphModule | None = None
+
+    def producer(self, value: int) -> Call | None:
+        """The call that wrote ``value``."""
+        return next((call for call in self.calls if call.output == value), None)
+
+    def users(self, value: int) -> list[Call]:
+        """The calls that read ``value``, once per read."""
+        return [call for call in self.calls for v in call.inputs if v == value]
+
+    def bypass(self, call: Call, value: int) -> None:
+        """Remove ``call``, letting its readers read ``value`` instead of its output."""
+        self.calls.remove(call)
+        for other in self.calls:
+            other.inputs = [value if v == call.output else v for v in other.inputs]
+
+
+def _rank_of(node: fx.Node) -> int | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+class _LeafTracer(fx.Tracer):
+    proxy_buffer_attributes = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_atomic(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _fx_inputs(node: fx.Node) -> list[int]:
+    if node.op == "call_method" and node.target in _METADATA:
+        return []
+    if node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA:
+        return []
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    return [id(n) for n in found]
+
+
+def trace(model: nn.Module, example_inputs: tuple | None) -> DataFlow:
+    """Find the data flow by symbolic tracing.
+
+    Args:
+        model: The model, in eval mode.
+        example_inputs: Used only to learn tensor ranks (via shape propagation).
+
+    Returns:
+        The data flow, with ``graph_module`` set.
+
+    Raises:
+        Exception: Whatever fx raises on an untraceable model.
+
+    """
+    tracer = _LeafTracer()
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph)
+    if example_inputs is not None:
+        ShapeProp(gm).propagate(*example_inputs)
+    modules = dict(model.named_modules())
+    tensors = {name: t for name, t in list(model.named_parameters()) + list(model.named_buffers())}
+    calls: list[Call] = []
+    module_calls: collections.Counter = collections.Counter()
+    external: set[int] = set()
+    ops = {
+        "placeholder": "input",
+        "call_module": "module",
+        "call_function": "function",
+        "call_method": "function",
+        "get_attr": "constant",
+        "output": "output",
+    }
+    for node in graph.nodes:
+        op = ops[node.op]
+        if op == "module":
+            module_calls[id(modules[node.target])] += 1
+        if op == "constant" and node.target in tensors:
+            external.add(id(tensors[node.target]))
+        output = None if op == "output" else id(node)
+        calls.append(Call(op, node.target, _fx_inputs(node), output, node.args, dict(node.kwargs), node))
+    ranks = {id(node): r for node in graph.nodes if (r := _rank_of(node)) is not None}
+    return DataFlow("torch.fx", calls, modules, module_calls, ranks, external, gm)
+
+
+class _Recorder(TorchFunctionMode):
+    """Records torch calls made outside atomic modules, with the values they read and write."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.calls: list[Call] = []
+        self.values: dict[int, int] = {}
+        self.ranks: dict[int, int] = {}
+        self.keep: list[torch.Tensor] = []
+        self.depth = 0
+        self.module_calls: collections.Counter = collections.Counter()
+        self.pending: list[list[int]] = []
+        self.params = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+        self.external: set[int] = set()
+
+    def read(self, objects: Any) -> list[int]:
+        ids = []
+        for leaf in tree_flatten(objects)[0]:
+            if isinstance(leaf, torch.Tensor):
+                if id(leaf) in self.params:
+                    self.external.add(id(leaf))
+                if id(leaf) not in self.values:
+                    self.write(leaf)
+                ids.append(self.values[id(leaf)])
+        return ids
+
+    def write(self, objects: Any) -> int | None:
+        last = None
+        for leaf in tree_flatten(objects)[0]:
+            if isinstance(leaf, torch.Tensor):
+                self.keep.append(leaf)
+                last = len(self.keep)
+                self.values[id(leaf)] = last
+                self.ranks[last] = leaf.dim()
+        return last
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, D105
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if self.depth == 0:
+            name = getattr(func, "__name__", "")
+            if name == "__get__":
+                name = getattr(getattr(func, "__self__", None), "__name__", name)
+            inputs = [] if name in _METADATA else self.read((args, kwargs))
+            if name not in _METADATA:
+                self.calls.append(Call("function", func, inputs, self.write(result), tuple(args), dict(kwargs)))
+        return result
+
+
+def record(model: nn.Module, example_inputs: tuple) -> DataFlow:
+    """Find the data flow by running ``model`` once on ``example_inputs``.
+
+    Only the branches this run takes are seen; the report says so.
+    """
+    recorder = _Recorder(model)
+    names: dict[int, str] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if id(module) in names or not is_atomic(module):
+            continue
+        names[id(module)] = name
+
+        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            if recorder.depth == 0:
+                recorder.pending.append(recorder.read((args, kwargs)))
+            recorder.depth += 1
+
+        def post_hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            recorder.depth -= 1
+            recorder.module_calls[id(mod)] += 1
+            if recorder.depth == 0:
+                inputs = recorder.pending.pop()
+                recorder.calls.append(Call("module", names[id(mod)], inputs, recorder.write(output)))
+
+        handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(module.register_forward_hook(post_hook, with_kwargs=True))
+    try:
+        inputs = [recorder.write(x) for x in example_inputs]
+        recorder.calls.extend(Call("input", i, [], v) for i, v in enumerate(inputs))
+        with torch.no_grad(), recorder:
+            output = model(*example_inputs)
+        recorder.calls.append(Call("output", "output", recorder.read(output), None))
+    finally:
+        for handle in handles:
+            handle.remove()
+    modules = {name: module for name, module in model.named_modules()}
+    return DataFlow("recorded", recorder.calls, modules, recorder.module_calls, recorder.ranks, recorder.external, None)

@@ -1,0 +1,95 @@
+"""The bnfold command line: fold, inspect, demo, and clean one-line errors."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import randomized
+
+from bnfold import zoo
+from bnfold.checkpoint import load_folded
+from bnfold.cli import main
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    model = randomized(zoo.build("resnet-tiny"))
+    path = tmp_path / "resnet.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    return model, path
+
+
+def _run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def test_fold_writes_checkpoint_and_report(checkpoint, tmp_path):
+    model, path = checkpoint
+    out, report = tmp_path / "folded.pt", tmp_path / "fold.json"
+    result = _run("fold", path, "--arch", "resnet-tiny", "-o", out, "--report", report)
+    assert result.exit_code == 0, result.output
+    assert "6 folded, 0 kept" in result.output and "max error" in result.output
+    data = json.loads(report.read_text())
+    assert data["bn_total"] == 6 and data["bn_folded"] == 6 and len(data["layers"]) == 6
+    rebuilt = load_folded(out)
+    x = zoo.example_input("resnet-tiny")
+    assert torch.allclose(rebuilt(x), model(x), atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in rebuilt.modules())
+
+
+def test_fold_refuses_to_overwrite_without_force(checkpoint, tmp_path):
+    _, path = checkpoint
+    out = tmp_path / "folded.pt"
+    out.write_text("keep me")
+    result = _run("fold", path, "--arch", "resnet-tiny", "-o", out)
+    assert result.exit_code == 2 and "--force" in result.output and out.read_text() == "keep me"
+    assert _run("fold", path, "--arch", "resnet-tiny", "-o", out, "--force").exit_code == 0
+    result = _run("fold", path, "--arch", "resnet-tiny", "-o", path, "--force")
+    assert result.exit_code == 2 and "overwrite the input" in result.output
+
+
+def test_inspect_json_lists_every_bn(checkpoint):
+    _, path = checkpoint
+    result = _run("inspect", path, "--arch", "resnet-tiny", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.output)["bn_total"] == 6
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--arch", "mlp-bn"], "does not match the architecture"),
+        ([], "needs --arch"),
+        (["--arch", "nosuch"], "not a zoo name"),
+        (["--arch", "resnet-tiny", "--input-shape", "1,x"], "--input-shape"),
+        (["--arch", "resnet-tiny", "--arch-kwargs", "{bad"], "not JSON"),
+        (["--arch", "resnet-tiny", "-o", "/nonexistent/dir/x.pt"], "does not exist"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(checkpoint, args, message):
+    _, path = checkpoint
+    result = _run("fold", path, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_corrupt_and_pickled_checkpoints(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    result = _run("fold", bad, "--arch", "cnn-bn")
+    assert result.exit_code == 2 and "not a readable PyTorch checkpoint" in result.output
+    pickled = tmp_path / "module.pt"
+    torch.save(zoo.build("cnn-bn"), pickled)
+    result = _run("fold", pickled, "--arch", "cnn-bn")
+    assert result.exit_code == 2 and "runs code when loaded" in result.output
+
+
+def test_demo_and_zoo_commands():
+    result = _run("demo", "--arch", "concat-bn", "--json")
+    assert result.exit_code == 0
+    row = json.loads(result.output)["models"][0]
+    assert row["bn_folded"] == row["bn_total"] == 1 and row["folded_error"] < 1e-5
+    assert "resnet-tiny" in _run("zoo").output

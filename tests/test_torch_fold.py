@@ -1,0 +1,455 @@
+"""The PyTorch fold pass: every pattern, each with the twin that must not fold."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_equivalent, bn_count, randomized
+from torch import nn
+
+import bnfold
+from bnfold.errors import BnfoldError
+
+
+def _fold(model, *inputs):
+    model = randomized(model)
+    folded, report = bnfold.fold(model, inputs or None)
+    return model, folded, report
+
+
+# -- into the preceding layer --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_conv_bn_folds_into_conv(dims, bias, groups):
+    conv = getattr(nn, f"Conv{dims}d")(8, 8, 3, padding=1, bias=bias, groups=groups)
+    bn = getattr(nn, f"BatchNorm{dims}d")(8)
+    x = torch.randn(2, 8, *[5] * dims)
+    model, folded, report = _fold(nn.Sequential(conv, bn), x)
+    assert report.bn_folded == 1 and report.layers[0].action == "folded into preceding"
+    assert report.layers[0].targets == ["0"] and bn_count(folded) == 0
+    assert_equivalent(model, folded, x)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_conv_transpose_with_groups_folds(dims, groups):
+    convt = getattr(nn, f"ConvTranspose{dims}d")(8, 8, 2, stride=2, groups=groups)
+    x = torch.randn(2, 8, *[3] * dims)
+    model, folded, report = _fold(nn.Sequential(convt, getattr(nn, f"BatchNorm{dims}d")(8)), x)
+    assert report.bn_folded == 1
+    assert_equivalent(model, folded, x)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_shared_producer_output_is_not_folded():
+    x = torch.randn(2, 4, 6, 6)
+    model, folded, report = _fold(Residual(), x)
+    assert report.bn_kept == 1
+    assert "also read by" in report.entry("bn").reason
+    assert_equivalent(model, folded, x)
+
+
+def test_linear_bn1d_folds_with_shapes_and_refuses_on_3d_input():
+    x = torch.randn(4, 6)
+    model, folded, report = _fold(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)), x)
+    assert report.bn_folded == 1
+    assert_equivalent(model, folded, x)
+    # (N, C, L) input: BN normalises axis 1, Linear writes the last axis; C == L hides the mistake
+    x3 = torch.randn(4, 5, 6)
+    model, folded, report = _fold(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)), x3)
+    assert report.bn_kept == 1 and "axis 2" in report.layers[0].reason
+    assert_equivalent(model, folded, x3)
+
+
+def test_linear_bn1d_without_shapes_asks_for_example_inputs():
+    _, _, report = _fold(nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5)))
+    assert report.bn_kept == 1 and "example_inputs" in report.layers[0].reason
+
+
+def test_conv1d_bn1d_needs_shapes_but_conv2d_bn2d_does_not():
+    _, _, report = _fold(nn.Sequential(nn.Conv1d(3, 4, 3), nn.BatchNorm1d(4)))
+    assert report.bn_kept == 1 and "example_inputs" in report.layers[0].reason
+    _, _, report = _fold(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    assert report.bn_folded == 1
+
+
+def test_unbatched_conv_is_not_folded_across_axes():
+    # Conv1d on an unbatched (C, L) input puts channels on axis 0; BN1d on 2-D input normalises axis 1
+    x = torch.randn(4, 4)
+    model, folded, report = _fold(nn.Sequential(nn.Conv1d(4, 4, 1), nn.BatchNorm1d(4)), x)
+    assert report.bn_kept == 1 and "axis 0" in report.layers[0].reason
+    assert_equivalent(model, folded, x)
+
+
+# -- into the following layer --------------------------------------------------------------
+
+
+def test_bn_before_linear_folds_into_linear():
+    x = torch.randn(4, 6)
+    model, folded, report = _fold(nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 3)), x)
+    assert report.layers[0].action == "folded into following" and report.layers[0].targets == ["1"]
+    assert_equivalent(model, folded, x)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_bn_before_unpadded_conv_folds(groups):
+    x = torch.randn(2, 4, 7, 7)
+    model, folded, report = _fold(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, groups=groups)), x)
+    assert report.layers[0].action == "folded into following"
+    assert_equivalent(model, folded, x)
+
+
+def test_bn_before_zero_padded_conv_is_kept():
+    x = torch.randn(2, 4, 7, 7)
+    model, folded, report = _fold(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1)), x)
+    assert report.bn_kept == 1 and "zero-pads" in report.layers[0].reason
+    assert_equivalent(model, folded, x)
+
+
+def test_bn_before_reflect_padded_conv_folds():
+    # reflect padding copies input values, so BN's shift reaches the borders too
+    x = torch.randn(2, 4, 7, 7)
+    conv = nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect")
+    model, folded, report = _fold(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), conv), x)
+    assert report.bn_folded == 1
+    assert_equivalent(model, folded, x)
+
+
+def test_bn_chain_folds_to_fixpoint():
+    x = torch.randn(4, 6)
+    model, folded, report = _fold(nn.Sequential(nn.BatchNorm1d(6), nn.BatchNorm1d(6), nn.Linear(6, 3)), x)
+    assert report.bn_folded == 2
+    assert_equivalent(model, folded, x)
+
+
+# -- concat --------------------------------------------------------------------------------
+
+
+class Concat(nn.Module):
+    def __init__(self, dim=1, reuse=False):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(3, 2, 1)
+        self.bn = nn.BatchNorm2d(6 if dim == 1 else 4)
+        self.dim, self.reuse = dim, reuse
+
+    def forward(self, x):
+        a = self.a(x)
+        b = self.b(x) if self.dim == 1 else self.a(x * 2)
+        y = self.bn(torch.cat([a, b], dim=self.dim))
+        return y + a.mean() if self.reuse else y
+
+
+def test_bn_after_concat_folds_into_each_producer():
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(Concat(), x)
+    assert report.layers[0].action == "folded into producers" and report.layers[0].targets == ["a", "b"]
+    assert_equivalent(model, folded, x)
+
+
+def test_concat_negative_cases():
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(Concat(reuse=True), x)
+    assert report.bn_kept == 1 and "also read by" in report.layers[0].reason
+    assert_equivalent(model, folded, x)
+    model, folded, report = _fold(Concat(dim=2), x)
+    assert report.bn_kept == 1
+    assert_equivalent(model, folded, x)
+
+
+# -- reuse, sharing, statistics ------------------------------------------------------------
+
+
+class Reused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.conv(self.bn(self.conv(x)))
+
+
+def test_reused_module_is_not_folded():
+    x = torch.randn(2, 3, 4, 4)
+    model, folded, report = _fold(Reused(), x)
+    assert report.bn_kept == 1 and "called 2 times" in report.layers[0].reason
+    assert_equivalent(model, folded, x)
+
+
+def test_tied_weights_are_not_folded():
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    x = torch.randn(3, 4)
+    model, folded, report = _fold(nn.Sequential(a, nn.BatchNorm1d(4), b), x)
+    assert report.bn_kept == 1 and "shared" in report.layers[0].reason
+    assert_equivalent(model, folded, x)
+
+
+class ReadsWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + F.conv2d(x, self.conv.weight)
+
+
+def test_weight_read_outside_its_module_is_not_folded():
+    x = torch.randn(2, 3, 4, 4)
+    model, folded, report = _fold(ReadsWeight(), x)
+    assert report.bn_kept == 1 and "outside the module" in report.layers[0].reason
+    assert_equivalent(model, folded, x)
+
+
+def test_no_running_stats_is_kept():
+    model, folded, report = _fold(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=False)))
+    assert report.bn_kept == 1 and "no population statistics" in report.layers[0].reason
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_eps_zero_affine_false_momentum_none(affine):
+    x = torch.randn(2, 3, 5, 5)
+    bn = nn.BatchNorm2d(4, eps=0.0, affine=affine, momentum=None)
+    model, folded, report = _fold(nn.Sequential(nn.Conv2d(3, 4, 3), bn), x)
+    assert report.bn_folded == 1
+    assert_equivalent(model, folded, x)
+
+
+def test_negative_variance_is_kept_with_reason():
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    model[1].running_var[2] = -1.0
+    _, report = bnfold.fold(model)
+    assert report.bn_kept == 1 and "negative" in report.layers[0].reason
+
+
+def test_sync_batchnorm_folds():
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)), x)
+    assert report.bn_folded == 1
+    assert_equivalent(model, folded, x)
+
+
+def test_hooked_layer_is_not_folded():
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    model[0].register_forward_hook(lambda m, i, o: o * 2)
+    _, report = bnfold.fold(model)
+    assert report.bn_kept == 1 and "hooks" in report.layers[0].reason
+
+
+# -- dtypes --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_folds_in_float64_and_rounds_once(dtype):
+    x = torch.randn(2, 3, 6, 6)
+    model = randomized(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    ).to(dtype)
+    folded, report = bnfold.fold(model, x.to(dtype))
+    assert report.bn_folded == 2 and next(folded.parameters()).dtype == dtype
+    assert_equivalent(model, folded, x)
+
+
+def test_half_precision_overflow_is_refused():
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).half()
+    with torch.no_grad():
+        model[0].weight.fill_(100.0)
+        model[1].running_var.fill_(1e-4)
+        model[1].weight.fill_(50.0)
+        model[1].eps = 0.0
+    folded, report = bnfold.fold(model)
+    assert report.bn_kept == 1 and "overflows float16" in report.layers[0].reason
+    assert torch.equal(folded[0].weight, model[0].weight)
+
+
+# -- BN kinds ------------------------------------------------------------------------------
+
+
+class BNReLU(nn.BatchNorm2d):
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
+def test_bn_subclass_with_activation_keeps_the_activation():
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(nn.Sequential(nn.Conv2d(3, 4, 3), BNReLU(4)), x)
+    assert report.bn_folded == 1 and report.layers[0].kind == "BNReLU"
+    assert not isinstance(folded[1], nn.BatchNorm2d)
+    assert (folded(x) >= 0).all()
+    assert_equivalent(model, folded, x)
+
+
+def test_bn_subclass_with_activation_does_not_fold_into_following():
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(nn.Sequential(nn.Tanh(), BNReLU(3), nn.Conv2d(3, 4, 1)), x)
+    assert report.bn_kept == 1 and "applies more after BN" in report.layers[0].reason
+    assert_equivalent(model, folded, x)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision's FrozenBatchNorm2d, re-typed here so tests need no torchvision."""
+
+    def __init__(self, n, eps=1e-5, wrong=False):
+        super().__init__()
+        self.eps, self.wrong = eps, wrong
+        self.register_buffer("weight", torch.randn(n))
+        self.register_buffer("bias", torch.randn(n))
+        self.register_buffer("running_mean", torch.randn(n))
+        self.register_buffer("running_var", torch.rand(n) + 0.5)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        if self.wrong:
+            scale = scale * 2
+        bias = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+
+def test_frozen_batchnorm_is_recognised_by_buffers():
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4)), x)
+    assert report.bn_folded == 1 and report.layers[0].kind == "FrozenBatchNorm2d"
+    assert_equivalent(model, folded, x)
+
+
+def test_module_with_bn_buffers_but_other_maths_is_kept():
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(nn.Sequential(nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4, wrong=True)), x)
+    assert report.bn_kept == 1 and "does not compute" in report.layers[0].reason
+    assert_equivalent(model, folded, x)
+
+
+class StdConv2d(nn.Conv2d):
+    """Weight-standardised conv (as in timm): it would undo a folded scale."""
+
+    def forward(self, x):
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True))
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def test_conv_with_custom_forward_is_not_a_target():
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(nn.Sequential(StdConv2d(3, 4, 3), nn.BatchNorm2d(4)), x)
+    assert report.bn_kept == 1 and "overrides forward" in report.layers[0].reason
+    assert_equivalent(model, folded, x)
+
+
+class Functional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+        self.gamma = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return F.batch_norm(self.conv(x), self.mean, self.var, self.gamma, None, False, 0.1, 1e-3)
+
+
+def test_functional_batch_norm_with_constant_buffers_folds():
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(Functional(), x)
+    assert report.bn_folded == 1 and report.layers[0].kind == "F.batch_norm"
+    assert isinstance(folded, torch.fx.GraphModule)
+    assert "batch_norm" not in folded.code
+    assert_equivalent(model, folded, x)
+
+
+# -- tracing and its fallback --------------------------------------------------------------
+
+
+class Untraceable(nn.Module):
+    def __init__(self, residual=False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.residual = residual
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # data-dependent control flow: fx cannot trace it
+            y = self.conv(x)
+            out = self.bn(y)
+            return out + y if self.residual else out
+        return x
+
+
+def test_untraceable_without_inputs_says_what_to_pass():
+    with pytest.raises(BnfoldError, match="example_inputs"):
+        bnfold.fold(Untraceable())
+
+
+def test_untraceable_model_folds_from_a_recorded_run():
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(Untraceable(), x)
+    assert report.method == "recorded" and report.bn_folded == 1
+    assert "branches" in report.notes[0]
+    assert_equivalent(model, folded, x)
+
+
+def test_recorded_run_sees_uses_outside_modules():
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(Untraceable(residual=True), x)
+    assert report.method == "recorded" and report.bn_kept == 1 and "also read by" in report.layers[0].reason
+    assert_equivalent(model, folded, x)
+
+
+# -- whole-model properties ----------------------------------------------------------------
+
+
+def test_original_untouched_result_eval_fold_twice_noop():
+    x = torch.randn(2, 3, 6, 6)
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded, report = bnfold.fold(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and model.training
+    assert not folded.training
+    again, report2 = bnfold.fold(folded)
+    assert report2.bn_total == 0
+    assert torch.equal(again(x), folded(x))
+
+
+def test_inplace_modifies_the_model():
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    folded, _ = bnfold.fold(model, inplace=True)
+    assert folded is model and isinstance(model[1], nn.Identity)
+
+
+def test_model_without_bn_passes_unchanged():
+    x = torch.randn(2, 5)
+    model = nn.Sequential(nn.Linear(5, 3), nn.ReLU())
+    folded, report = bnfold.fold(model, x)
+    assert report.bn_total == 0 and torch.equal(folded(x), model(x))
+
+
+def test_dead_bn_is_reported():
+    class Dead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.unused = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    _, report = bnfold.fold(Dead())
+    assert report.entry("unused").reason == "never called by forward"
+
+
+def test_report_dict_keys():
+    _, _, report = _fold(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    d = report.to_dict()
+    assert {"bn_total", "bn_folded", "bn_kept", "layers"} <= d.keys()
+    assert {"name", "action", "targets", "reason"} <= d["layers"][0].keys()
+    assert "1 folded" in str(report)
