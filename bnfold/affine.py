@@ -64,6 +64,10 @@ class Affine:
         """True when the map has no additive part, so it folds through padding."""
         return bool((self.shift == 0).all())
 
+    def apply_last_axis(self, value: torch.Tensor) -> torch.Tensor:
+        """The map applied to a constant whose last axis holds the channels (e.g. a Gemm's C)."""
+        return value.to(torch.float64) * self.scale + self.shift
+
     def slice(self, start: int, stop: int) -> Affine:
         """The map restricted to channels ``start:stop`` (for BN after a concat)."""
         return Affine(self.scale[start:stop], self.shift[start:stop])

@@ -14,7 +14,9 @@ from bnfold import zoo
 from bnfold.checkpoint import build_arch, load_into, load_state_dict, save_folded
 from bnfold.compare import fold_error
 from bnfold.errors import BnfoldError
+from bnfold.formats import detect_format
 from bnfold.io import atomic_write, check_output
+from bnfold.onnx_fold import fold_onnx, save_onnx
 from bnfold.torch_fold import fold as fold_model
 
 __all__ = ["main"]
@@ -101,47 +103,73 @@ _shape_option = click.option(
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 
 
+_allow_option = click.option(
+    "--allow-initializer-inputs",
+    is_flag=True,
+    help="ONNX: treat initializers listed as graph inputs as constants (and drop them from the inputs).",
+)
+
+
+def _fold_torch(checkpoint: str, arch: str | None, arch_kwargs: str | None, input_shapes: tuple[str, ...]):  # noqa: ANN202
+    model, kwargs = _load_model(checkpoint, arch, arch_kwargs)
+    inputs = _example_inputs(arch or "", input_shapes)
+    folded, report = fold_model(model, inputs)
+    return model, kwargs, inputs, folded, report
+
+
 @main.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the folded checkpoint here (.pt).")
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the folded model here (.pt or .onnx).")
 @_arch_option
 @_kwargs_option
 @_shape_option
+@_allow_option
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the fold report as JSON.")
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 @_json_option
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
 def fold(
-    checkpoint: str,
+    model_path: str,
     output: str | None,
     arch: str | None,
     arch_kwargs: str | None,
     input_shapes: tuple[str, ...],
+    allow_initializer_inputs: bool,
     report_path: str | None,
     force: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
-    """Fold every foldable BN of CHECKPOINT (a state_dict plus --arch)."""
+    """Fold every foldable BN of MODEL: an ONNX file, or a state_dict plus --arch."""
     for target in (output, report_path):
         if target:
-            check_output(target, force=force, inputs=[checkpoint])
-    if output and Path(output).suffix not in (".pt", ".pth"):
-        raise BnfoldError(f"{output}: unsupported output format {Path(output).suffix!r}; use .pt")
-    model, kwargs = _load_model(checkpoint, arch, arch_kwargs)
-    inputs = _example_inputs(arch or "", input_shapes)
-    folded, report = fold_model(model, inputs)
-    payload: dict[str, Any] = {"report": report.to_dict()}
-    lines = [str(report)]
-    if inputs is not None:
-        stats = fold_error(model, folded, inputs)
-        payload["error"] = stats.to_dict()
-        lines.append(
-            f"max error vs the float64 original: {stats.scaled_max:.3g} of the output scale "
-            f"(max abs {stats.max_abs:.3g})"
-        )
+            check_output(target, force=force, inputs=[model_path])
+    kind = detect_format(model_path)
+    suffix = Path(output).suffix if output else ""
+    wanted = (".onnx",) if kind == "onnx" else (".pt", ".pth")
+    if output and suffix not in wanted:
+        raise BnfoldError(f"{output}: a {kind} input is written as {' or '.join(wanted)}, not {suffix or 'no suffix'}")
+    payload: dict[str, Any] = {}
+    lines: list[str] = []
+    if kind == "onnx":
+        folded_proto, report = fold_onnx(model_path, allow_initializer_inputs=allow_initializer_inputs)
+        lines.append(str(report))
+        if output:
+            save_onnx(folded_proto, output)
+    else:
+        model, kwargs, inputs, folded, report = _fold_torch(model_path, arch, arch_kwargs, input_shapes)
+        lines.append(str(report))
+        if inputs is not None:
+            stats = fold_error(model, folded, inputs)
+            payload["error"] = stats.to_dict()
+            lines.append(
+                f"max error vs the float64 original: {stats.scaled_max:.3g} of the output scale "
+                f"(max abs {stats.max_abs:.3g})"
+            )
+        if output:
+            save_folded(output, folded, report, arch or "", kwargs)
+    payload["report"] = report.to_dict()
     if output:
-        save_folded(output, folded, report, arch or "", kwargs)
         payload["output"] = output
         lines.append(f"wrote {output}")
     if report_path:
@@ -151,17 +179,25 @@ def fold(
 
 
 @main.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
 @_arch_option
 @_kwargs_option
 @_shape_option
+@_allow_option
 @_json_option
 def inspect(
-    checkpoint: str, arch: str | None, arch_kwargs: str | None, input_shapes: tuple[str, ...], as_json: bool
+    model_path: str,
+    arch: str | None,
+    arch_kwargs: str | None,
+    input_shapes: tuple[str, ...],
+    allow_initializer_inputs: bool,
+    as_json: bool,
 ) -> None:
-    """List every BN of CHECKPOINT and whether (or why not) it would fold. Writes nothing."""
-    model, _ = _load_model(checkpoint, arch, arch_kwargs)
-    _, report = fold_model(model, _example_inputs(arch or "", input_shapes))
+    """List every BN of MODEL and whether (or why not) it would fold. Writes nothing."""
+    if detect_format(model_path) == "onnx":
+        _, report = fold_onnx(model_path, allow_initializer_inputs=allow_initializer_inputs)
+    else:
+        report = _fold_torch(model_path, arch, arch_kwargs, input_shapes)[-1]
     _emit(as_json, False, report.to_dict(), str(report))
 
 

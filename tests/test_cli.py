@@ -80,7 +80,7 @@ def test_corrupt_and_pickled_checkpoints(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
     result = _run("fold", bad, "--arch", "cnn-bn")
-    assert result.exit_code == 2 and "not a readable PyTorch checkpoint" in result.output
+    assert result.exit_code == 2 and "neither a PyTorch checkpoint nor an ONNX model" in result.output
     pickled = tmp_path / "module.pt"
     torch.save(zoo.build("cnn-bn"), pickled)
     result = _run("fold", pickled, "--arch", "cnn-bn")
@@ -93,3 +93,26 @@ def test_demo_and_zoo_commands():
     row = json.loads(result.output)["models"][0]
     assert row["bn_folded"] == row["bn_total"] == 1 and row["folded_error"] < 1e-5
     assert "resnet-tiny" in _run("zoo").output
+
+
+def test_fold_onnx_file(tmp_path):
+    import io
+
+    import onnx
+
+    model = randomized(zoo.build("cnn-bn"))
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model, (zoo.example_input("cnn-bn"),), buffer, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE
+    )
+    src = tmp_path / "model.bin"  # a misleading suffix: the content decides
+    src.write_bytes(buffer.getvalue())
+    out, report = tmp_path / "folded.onnx", tmp_path / "r.json"
+    result = _run("fold", src, "-o", out, "--report", report, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["report"]["bn_folded"] == 2 and payload["report"]["bn_kept"] == 0
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(out).graph.node)
+    result = _run("fold", src, "-o", tmp_path / "x.pt")
+    assert result.exit_code == 2 and "written as .onnx" in result.output
+    assert _run("inspect", src).exit_code == 0
