@@ -106,7 +106,6 @@ def bn_affine(
     Raises:
         FoldRefused: Statistics or parameters that are not finite, a negative
             variance, or ``var + eps == 0``.
-
     """
     channels = int(torch.as_tensor(mean).numel())
     mean64 = _f64(mean, channels, 0.0)
@@ -186,7 +185,6 @@ def scale_output_channels(
 
     Raises:
         FoldRefused: When the channel counts do not match.
-
     """
     w = _weight64(weight)
     out = output_channels(w, layout, groups)
@@ -233,7 +231,6 @@ def scale_input_channels(
     Raises:
         FoldRefused: When the shift cannot become a constant bias (padding,
             transposed convolution) or the channel counts do not match.
-
     """
     w = _weight64(weight)
     cin = input_channels(w, layout, groups)
@@ -280,7 +277,6 @@ def round_to(value: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, int
     Raises:
         FoldRefused: Non-floating ``dtype``, non-finite values, or values
             beyond the dtype's range.
-
     """
     if not dtype.is_floating_point:
         raise FoldRefused(f"weights of dtype {dtype} are not floating point")

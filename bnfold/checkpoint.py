@@ -19,9 +19,18 @@ from bnfold.errors import BnfoldError
 from bnfold.io import atomic_write
 from bnfold.report import FoldReport
 
-__all__ = ["FOLDED_FORMAT", "build_arch", "load_folded", "load_state_dict", "save_folded"]
+__all__ = [
+    "FOLDED_FORMAT",
+    "TRAINED_FORMAT",
+    "build_arch",
+    "load_folded",
+    "load_state_dict",
+    "save_folded",
+    "state_dict_from",
+]
 
 FOLDED_FORMAT = "bnfold.folded/1"
+TRAINED_FORMAT = "bnfold.trained/1"
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "net")
 
 
@@ -43,7 +52,6 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     Raises:
         BnfoldError: The file is missing, not a torch checkpoint, or holds
             pickled objects (which would run code when loaded).
-
     """
     p = Path(path)
     if not p.is_file():
@@ -67,9 +75,17 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     Raises:
         BnfoldError: The file holds no state_dict.
-
     """
-    state = _unwrap(read_checkpoint(path))
+    return state_dict_from(read_checkpoint(path), path)
+
+
+def state_dict_from(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state_dict inside a loaded checkpoint object (see :func:`load_state_dict`).
+
+    Raises:
+        BnfoldError: The object holds no state_dict.
+    """
+    state = _unwrap(obj)
     if state is None:
         raise BnfoldError(f"{path}: holds no state_dict (a dict of tensors)")
     if all(k.startswith("module.") for k in state):
@@ -85,7 +101,6 @@ def build_arch(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     Raises:
         BnfoldError: Unknown zoo name, unimportable module, missing callable,
             or a callable that does not return an ``nn.Module``.
-
     """
     kwargs = kwargs or {}
     if arch in zoo.ZOO:
@@ -144,7 +159,6 @@ def save_folded(
     Raises:
         BnfoldError: The model was rewritten as an fx graph (a functional
             batch_norm was removed), which a state_dict cannot describe.
-
     """
     if isinstance(model, torch.fx.GraphModule):
         raise BnfoldError("this model was folded as an fx graph (functional batch_norm); write it as .onnx instead")

@@ -8,16 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
 from bnfold import zoo
-from bnfold.checkpoint import build_arch, load_into, load_state_dict, save_folded
-from bnfold.compare import fold_error
 from bnfold.errors import BnfoldError
-from bnfold.formats import detect_format
 from bnfold.io import atomic_write, check_output
-from bnfold.onnx_fold import fold_onnx, save_onnx
-from bnfold.torch_fold import fold as fold_model
 
 __all__ = ["main"]
 
@@ -27,7 +21,6 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
     Raises:
         BnfoldError: Not a comma-separated list of positive integers.
-
     """
     try:
         shape = tuple(int(part) for part in text.replace("x", ",").split(","))
@@ -48,24 +41,6 @@ def _arch_kwargs(text: str | None) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BnfoldError("--arch-kwargs: expected a JSON object")
     return value
-
-
-def _example_inputs(arch: str, shapes: tuple[str, ...]) -> tuple[torch.Tensor, ...] | None:
-    if shapes:
-        generator = torch.Generator().manual_seed(0)
-        return tuple(torch.randn(parse_shape(s), generator=generator) for s in shapes)
-    if arch in zoo.ZOO:
-        return (zoo.example_input(arch),)
-    return None
-
-
-def _load_model(path: str, arch: str | None, arch_kwargs: str | None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    if not arch:
-        raise BnfoldError(f"{path}: a state_dict needs --arch (a zoo name or package.module:callable)")
-    kwargs = _arch_kwargs(arch_kwargs)
-    state = load_state_dict(path)
-    model = build_arch(arch, kwargs)
-    return load_into(model, state, path).eval(), kwargs
 
 
 def _emit(ctx_json: bool, quiet: bool, payload: dict[str, Any], text: str) -> None:
@@ -108,23 +83,37 @@ _allow_option = click.option(
     is_flag=True,
     help="ONNX: treat initializers listed as graph inputs as constants (and drop them from the inputs).",
 )
+_unsafe_option = click.option(
+    "--unsafe-pickle",
+    is_flag=True,
+    help="Allow a whole pickled module: loading it RUNS CODE from the file. Only for files you trust.",
+)
 
 
-def _fold_torch(checkpoint: str, arch: str | None, arch_kwargs: str | None, input_shapes: tuple[str, ...]):  # noqa: ANN202
-    model, kwargs = _load_model(checkpoint, arch, arch_kwargs)
-    inputs = _example_inputs(arch or "", input_shapes)
-    folded, report = fold_model(model, inputs)
-    return model, kwargs, inputs, folded, report
+def _shapes(texts: tuple[str, ...]) -> list[tuple[int, ...]] | None:
+    return [parse_shape(t) for t in texts] or None
+
+
+def _stage(quiet: bool, as_json: bool):  # noqa: ANN202
+    def report(message: str) -> None:
+        if not quiet:
+            click.echo(f"bnfold: {message}...", err=True)
+
+    return report
 
 
 @main.command()
 @click.argument("model_path", metavar="MODEL", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the folded model here (.pt or .onnx).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output: .onnx, .pt, .pt2 or .safetensors.")
 @_arch_option
 @_kwargs_option
 @_shape_option
 @_allow_option
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the fold report as JSON.")
+@_unsafe_option
+@click.option("--verify", "do_verify", is_flag=True, help="Check the result against the original in float64.")
+@click.option("--bench", "do_bench", is_flag=True, help="Time the original and the result.")
+@click.option("--simplify", is_flag=True, help="Run onnx-simplifier on an ONNX output (kept only if it verifies).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 @_json_option
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
@@ -135,47 +124,44 @@ def fold(
     arch_kwargs: str | None,
     input_shapes: tuple[str, ...],
     allow_initializer_inputs: bool,
+    unsafe_pickle: bool,
+    do_verify: bool,
+    do_bench: bool,
+    simplify: bool,
     report_path: str | None,
     force: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
-    """Fold every foldable BN of MODEL: an ONNX file, or a state_dict plus --arch."""
+    """Fold every foldable BN of MODEL; optionally export, verify and benchmark the result.
+
+    MODEL is any file bnfold reads (ONNX, state_dict + --arch, safetensors + --arch,
+    bnfold checkpoints, TorchScript, torch.export .pt2). Exit status: 0 done,
+    1 the result does not match the original (--verify), 2 a usage or input error.
+    """
+    from bnfold.pipeline import run_pipeline, summary_text
+
     for target in (output, report_path):
         if target:
             check_output(target, force=force, inputs=[model_path])
-    kind = detect_format(model_path)
-    suffix = Path(output).suffix if output else ""
-    wanted = (".onnx",) if kind == "onnx" else (".pt", ".pth")
-    if output and suffix not in wanted:
-        raise BnfoldError(f"{output}: a {kind} input is written as {' or '.join(wanted)}, not {suffix or 'no suffix'}")
-    payload: dict[str, Any] = {}
-    lines: list[str] = []
-    if kind == "onnx":
-        folded_proto, report = fold_onnx(model_path, allow_initializer_inputs=allow_initializer_inputs)
-        lines.append(str(report))
-        if output:
-            save_onnx(folded_proto, output)
-    else:
-        model, kwargs, inputs, folded, report = _fold_torch(model_path, arch, arch_kwargs, input_shapes)
-        lines.append(str(report))
-        if inputs is not None:
-            stats = fold_error(model, folded, inputs)
-            payload["error"] = stats.to_dict()
-            lines.append(
-                f"max error vs the float64 original: {stats.scaled_max:.3g} of the output scale "
-                f"(max abs {stats.max_abs:.3g})"
-            )
-        if output:
-            save_folded(output, folded, report, arch or "", kwargs)
-    payload["report"] = report.to_dict()
-    if output:
-        payload["output"] = output
-        lines.append(f"wrote {output}")
+    result = run_pipeline(
+        model_path,
+        output,
+        arch=arch,
+        arch_kwargs=_arch_kwargs(arch_kwargs),
+        input_shapes=_shapes(input_shapes),
+        unsafe_pickle=unsafe_pickle,
+        allow_initializer_inputs=allow_initializer_inputs,
+        do_verify=do_verify,
+        do_bench=do_bench,
+        simplify=simplify,
+        stage=_stage(quiet, as_json),
+    )
     if report_path:
-        atomic_write(report_path, lambda tmp: tmp.write_text(report.to_json() + "\n"))
-        lines.append(f"wrote {report_path}")
-    _emit(as_json, quiet, payload, "\n".join(lines))
+        atomic_write(report_path, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n"))
+    _emit(as_json, quiet, result.to_dict(), summary_text(result))
+    if not result.passed:
+        sys.exit(1)
 
 
 @main.command()
@@ -184,6 +170,7 @@ def fold(
 @_kwargs_option
 @_shape_option
 @_allow_option
+@_unsafe_option
 @_json_option
 def inspect(
     model_path: str,
@@ -191,14 +178,142 @@ def inspect(
     arch_kwargs: str | None,
     input_shapes: tuple[str, ...],
     allow_initializer_inputs: bool,
+    unsafe_pickle: bool,
     as_json: bool,
 ) -> None:
     """List every BN of MODEL and whether (or why not) it would fold. Writes nothing."""
-    if detect_format(model_path) == "onnx":
-        _, report = fold_onnx(model_path, allow_initializer_inputs=allow_initializer_inputs)
-    else:
-        report = _fold_torch(model_path, arch, arch_kwargs, input_shapes)[-1]
-    _emit(as_json, False, report.to_dict(), str(report))
+    from bnfold.pipeline import run_pipeline
+
+    result = run_pipeline(
+        model_path,
+        None,
+        arch=arch,
+        arch_kwargs=_arch_kwargs(arch_kwargs),
+        input_shapes=_shapes(input_shapes),
+        unsafe_pickle=unsafe_pickle,
+        allow_initializer_inputs=allow_initializer_inputs,
+    )
+    _emit(as_json, False, result.report.to_dict(), str(result.report))
+
+
+@main.command(name="verify")
+@click.argument("reference", type=click.Path(dir_okay=False))
+@click.argument("candidate", type=click.Path(dir_okay=False))
+@_arch_option
+@_kwargs_option
+@_shape_option
+@click.option("--runtime", "runtimes", multiple=True, help="torch-cpu, torch-cuda, ort-cpu, ort-cuda, ort-tensorrt.")
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help="Inputs as .npy or .npz.")
+@click.option("--rtol", type=float, help="Relative tolerance (default by dtype).")
+@click.option("--atol", type=float, help="Absolute tolerance (default scales with the output).")
+@_json_option
+def verify_command(
+    reference: str,
+    candidate: str,
+    arch: str | None,
+    arch_kwargs: str | None,
+    input_shapes: tuple[str, ...],
+    runtimes: tuple[str, ...],
+    inputs_path: str | None,
+    rtol: float | None,
+    atol: float | None,
+    as_json: bool,
+) -> None:
+    """Check that CANDIDATE computes what REFERENCE computes, against float64 truth.
+
+    Exit status: 0 match, 1 mismatch, 2 usage or input error.
+    """
+    from bnfold.loading import load_detailed
+    from bnfold.verify import verify
+
+    kwargs = _arch_kwargs(arch_kwargs)
+    ref = load_detailed(reference, arch, kwargs)
+    cand = load_detailed(candidate, arch, kwargs)
+    shapes = _shapes(input_shapes) or ([ref.input_shape] if ref.input_shape else None)
+    result = verify(
+        ref.model,
+        cand.model,
+        _read_inputs(inputs_path),
+        runtimes=runtimes or None,
+        rtol=rtol,
+        atol=atol,
+        input_shapes=shapes,
+    )
+    _emit(as_json, False, result.to_dict(), str(result))
+    if not result.passed:
+        sys.exit(1)
+
+
+def _read_inputs(path: str | None) -> list | None:
+    if path is None:
+        return None
+    import numpy as np
+
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise BnfoldError(f"{path}: not a readable .npy/.npz file ({error})") from None
+    if isinstance(data, np.ndarray):
+        return [data]
+    return [data[key] for key in data.files]
+
+
+@main.command(name="bench")
+@click.argument("models", metavar="MODEL [FOLDED]", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@_arch_option
+@_kwargs_option
+@_shape_option
+@click.option("--runtime", "runtimes", multiple=True, help="torch-cpu, torch-cuda, ort-cpu, ort-cpu-opt, ort-cuda, ...")
+@click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="Repeatable; default 1.")
+@click.option("--warmup", default=10, show_default=True, help="Untimed calls first.")
+@click.option("--iterations", default=100, show_default=True, help="Timed calls per measurement.")
+@click.option("--chart", type=click.Path(dir_okay=False), help="With two models: write a PNG bar chart.")
+@_json_option
+def bench_command(
+    models: tuple[str, ...],
+    arch: str | None,
+    arch_kwargs: str | None,
+    input_shapes: tuple[str, ...],
+    runtimes: tuple[str, ...],
+    batch_sizes: tuple[int, ...],
+    warmup: int,
+    iterations: int,
+    chart: str | None,
+    as_json: bool,
+) -> None:
+    """Latency (p50/p90/p99 ms) and throughput of MODEL, or of MODEL vs FOLDED side by side."""
+    from bnfold.bench import benchmark, compare
+    from bnfold.loading import load_detailed
+
+    if len(models) > 2:
+        raise BnfoldError("bench takes one model, or an original and a folded model")
+    kwargs = _arch_kwargs(arch_kwargs)
+    shapes = _shapes(input_shapes)
+    results = []
+    for label, path in zip(("original", "folded"), models, strict=False):
+        loaded = load_detailed(path, arch, kwargs)
+        shape = shapes[0] if shapes else loaded.input_shape
+        results.append(
+            benchmark(
+                loaded.model,
+                runtimes=runtimes or None,
+                batch_sizes=batch_sizes or (1,),
+                warmup=warmup,
+                iterations=iterations,
+                input_shape=shape,
+                label=label if len(models) == 2 else Path(path).name,
+                progress=not as_json,
+            )
+        )
+    payload: dict[str, Any] = {"results": [r.to_dict() for r in results]}
+    text = "\n\n".join(str(r) for r in results)
+    if len(results) == 2:
+        if chart:
+            check_output(chart, force=True)
+        comparison = compare(results[0], results[1], chart)
+        payload["compare"] = comparison["rows"]
+        text += "\n\n" + comparison["text"]
+    _emit(as_json, False, payload, text)
 
 
 @main.command(name="zoo")

@@ -20,7 +20,6 @@ class ErrorStats:
         rel_l2: ``||c - r|| / ||r||``.
         scaled_max: ``max|c - r| / max|r|``: error relative to the output's scale.
         worst_index: Where the largest absolute difference is.
-
     """
 
     max_abs: float
@@ -80,7 +79,6 @@ def fold_error(original: torch.nn.Module, folded: torch.nn.Module, inputs: tuple
         original: The unfolded model; a float64 copy of it is the truth.
         folded: The folded model, run as it is.
         inputs: Example inputs (floating tensors are cast to each model's dtype).
-
     """
     import copy
 

@@ -31,7 +31,6 @@ def run_demo(names: list[str]) -> DemoResult:
 
     Raises:
         BnfoldError: An unknown zoo name.
-
     """
     rows, blocks = [], []
     for name in names:

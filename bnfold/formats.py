@@ -2,31 +2,75 @@
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import zipfile
 from pathlib import Path
 
 from bnfold.errors import BnfoldError
 
-__all__ = ["detect_format"]
+__all__ = ["FORMATS", "detect_format"]
+
+FORMATS = ("onnx", "torch", "torchscript", "torch-export", "safetensors", "pickle")
+_ONNX_FIRST_BYTES = (b"\x08", b"\x12", b"\x1a", b"\x22", b"\x3a", b"\x42", b"\x52", b"\x72")  # ModelProto tags
+
+
+def _zip_kind(path: Path) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return None
+    if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
+        return "torch-export"
+    if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
+        return "torchscript"
+    if any(n.endswith("data.pkl") for n in names):
+        return "torch"
+    return None
+
+
+def _is_safetensors(path: Path, head: bytes) -> bool:
+    if len(head) < 9:
+        return False
+    (length,) = struct.unpack("<Q", head[:8])
+    if length <= 1 or length > min(100 * 2**20, path.stat().st_size - 8):
+        return False
+    with open(path, "rb") as f:
+        f.seek(8)
+        header = f.read(length)
+    try:
+        return isinstance(json.loads(header), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """Return ``"onnx"`` or ``"torch"`` (a torch.save archive or legacy pickle).
+    """Return one of :data:`FORMATS` for the file at ``path``.
+
+    ``torch`` is a ``torch.save`` archive, ``pickle`` a legacy (non-zip)
+    ``torch.save`` file.
 
     Raises:
-        BnfoldError: Missing, empty, or neither format.
-
+        BnfoldError: Missing, empty, or none of the formats.
     """
     p = Path(path)
     if not p.is_file():
         raise BnfoldError(f"{p}: no such file")
     with open(p, "rb") as f:
-        head = f.read(4)
+        head = f.read(16)
     if not head:
         raise BnfoldError(f"{p}: is empty")
-    if zipfile.is_zipfile(p) or head[:1] == b"\x80":
-        return "torch"
-    if head[:1] in (b"\x08", b"\x12", b"\x1a", b"\x22", b"\x3a", b"\x42", b"\x52"):  # ModelProto field tags
+    if head[:2] == b"PK":
+        kind = _zip_kind(p)
+        if kind is None:
+            raise BnfoldError(f"{p}: a zip archive that is no PyTorch checkpoint (or it is truncated)")
+        return kind
+    if head[:1] == b"\x80":
+        return "pickle"
+    if _is_safetensors(p, head):
+        return "safetensors"
+    if head[:1] in _ONNX_FIRST_BYTES:
         return "onnx"
-    raise BnfoldError(f"{p}: neither a PyTorch checkpoint nor an ONNX model")
+    raise BnfoldError(f"{p}: neither a PyTorch checkpoint, safetensors, TorchScript, torch.export nor ONNX file")

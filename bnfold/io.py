@@ -27,7 +27,6 @@ def check_output(path: str | os.PathLike, *, force: bool, inputs: Iterable[str |
     Raises:
         BnfoldError: The output is an input, exists without ``force``, or its
             directory is missing or not writable.
-
     """
     out = Path(path)
     for source in inputs:
@@ -58,7 +57,6 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
     Returns:
         The final path.
-
     """
     out = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")

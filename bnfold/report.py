@@ -32,7 +32,6 @@ class LayerEntry:
         targets: Layers that absorbed the BN (empty when kept).
         reason: Why the BN was kept; empty when folded.
         notes: Anything else a user should know (subnormals flushed, copies made).
-
     """
 
     name: str
@@ -56,7 +55,6 @@ class FoldReport:
         method: How the data flow was found (``torch.fx``, ``recorded``, ``onnx``).
         layers: One entry per BN, in graph order.
         notes: Model-level remarks (e.g. the limits of the method used).
-
     """
 
     method: str
@@ -83,7 +81,6 @@ class FoldReport:
 
         Raises:
             KeyError: No BN of that name was met.
-
         """
         for layer in self.layers:
             if layer.name == name:

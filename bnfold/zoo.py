@@ -175,7 +175,6 @@ def build(name: str, **kwargs: object) -> nn.Module:
 
     Raises:
         KeyError: ``name`` is not in :data:`ZOO`.
-
     """
     return ZOO[name].factory(**kwargs)
 

@@ -28,10 +28,10 @@ def _run(*args):
 def test_fold_writes_checkpoint_and_report(checkpoint, tmp_path):
     model, path = checkpoint
     out, report = tmp_path / "folded.pt", tmp_path / "fold.json"
-    result = _run("fold", path, "--arch", "resnet-tiny", "-o", out, "--report", report)
+    result = _run("fold", path, "--arch", "resnet-tiny", "-o", out, "--report", report, "--verify")
     assert result.exit_code == 0, result.output
-    assert "6 folded, 0 kept" in result.output and "max error" in result.output
-    data = json.loads(report.read_text())
+    assert "6 folded, 0 kept" in result.output and "verify (torch): pass" in result.output
+    data = json.loads(report.read_text())["report"]
     assert data["bn_total"] == 6 and data["bn_folded"] == 6 and len(data["layers"]) == 6
     rebuilt = load_folded(out)
     x = zoo.example_input("resnet-tiny")
@@ -73,14 +73,15 @@ def test_user_mistakes_are_one_line_errors(checkpoint, args, message):
     result = _run("fold", path, *args)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("bnfold: error:")]
+    assert len(errors) == 1 and errors[0] == result.output.strip().splitlines()[-1]
 
 
 def test_corrupt_and_pickled_checkpoints(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint at all")
     result = _run("fold", bad, "--arch", "cnn-bn")
-    assert result.exit_code == 2 and "neither a PyTorch checkpoint nor an ONNX model" in result.output
+    assert result.exit_code == 2 and "neither a PyTorch checkpoint" in result.output
     pickled = tmp_path / "module.pt"
     torch.save(zoo.build("cnn-bn"), pickled)
     result = _run("fold", pickled, "--arch", "cnn-bn")
@@ -110,7 +111,7 @@ def test_fold_onnx_file(tmp_path):
     out, report = tmp_path / "folded.onnx", tmp_path / "r.json"
     result = _run("fold", src, "-o", out, "--report", report, "--json")
     assert result.exit_code == 0, result.output
-    payload = json.loads(result.output)
+    payload = json.loads(result.stdout)
     assert payload["report"]["bn_folded"] == 2 and payload["report"]["bn_kept"] == 0
     assert not any(n.op_type == "BatchNormalization" for n in onnx.load(out).graph.node)
     result = _run("fold", src, "-o", tmp_path / "x.pt")

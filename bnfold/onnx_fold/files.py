@@ -22,7 +22,6 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
 
     Raises:
         BnfoldError: Missing, truncated or not an ONNX model.
-
     """
     p = Path(path)
     if not p.is_file():
@@ -52,7 +51,6 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, external_data:
 
     Returns:
         The output path.
-
     """
     out = Path(path)
     external = model.ByteSize() > _PROTOBUF_LIMIT if external_data is None else external_data

@@ -585,7 +585,6 @@ def fold_onnx(
 
     Raises:
         BnfoldError: The model cannot be read or fails the checker before folding.
-
     """
     proto = load_onnx(model) if isinstance(model, str | Path) else _copy(model)
     skeleton = _skeleton(proto)

@@ -67,7 +67,6 @@ class GraphIndex:
         overridable: Initializers that are also graph inputs.
         ranks: Value name -> rank, where shape inference knew it.
         dtypes: Value name -> ONNX element type, where known.
-
     """
 
     def __init__(

@@ -48,7 +48,6 @@ class Call:
             for reading constants such as ``torch.cat``'s ``dim``.
         kwargs: The call's keyword arguments.
         fx_node: The fx node, when the flow came from tracing.
-
     """
 
     op: str
@@ -85,7 +84,6 @@ class DataFlow:
         external_tensors: ``id`` of parameters and buffers read outside their
             module's own call (e.g. ``F.conv2d(x, self.conv.weight)``).
         graph_module: The traced GraphModule (fx only).
-
     """
 
     method: str
@@ -146,7 +144,6 @@ def trace(model: nn.Module, example_inputs: tuple | None) -> DataFlow:
 
     Raises:
         Exception: Whatever fx raises on an untraceable model.
-
     """
     tracer = _LeafTracer()
     graph = tracer.trace(model)

@@ -401,7 +401,6 @@ def fold(
     Raises:
         BnfoldError: The model cannot be traced and no example inputs were
             given, or the example inputs are rejected by the model.
-
     """
     work = model if inplace else copy.deepcopy(model)
     work.eval()

@@ -33,7 +33,6 @@ class BNModule:
         tail: What the module computes after the BN map (None: nothing);
             a BN subclass that adds an activation keeps it here.
         dtype: Dtype of its statistics.
-
     """
 
     kind: str

@@ -1,0 +1,273 @@
+"""One command, the whole path: load, fold, export, verify, benchmark, with a summary."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from torch import nn
+
+from bnfold.bench import benchmark, compare
+from bnfold.checkpoint import save_folded
+from bnfold.errors import BnfoldError
+from bnfold.export import export_onnx
+from bnfold.io import atomic_write
+from bnfold.loading import Loaded, load_detailed
+from bnfold.onnx_fold import fold_onnx, save_onnx
+from bnfold.report import FoldReport
+from bnfold.torch_fold import fold as fold_torch
+from bnfold.torch_fold.torchscript import fold_torchscript
+from bnfold.verify import verify
+
+__all__ = ["OUTPUT_SUFFIXES", "PipelineResult", "run_pipeline", "summary_text"]
+
+OUTPUT_SUFFIXES = (".onnx", ".pt", ".pth", ".pt2", ".safetensors")
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    """Everything one ``bnfold fold`` run did."""
+
+    input_format: str
+    report: FoldReport
+    onnx_report: FoldReport | None = None
+    output: str | None = None
+    verify: dict[str, Any] | None = None
+    bench: dict[str, Any] | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """False only when verification ran and failed."""
+        return self.verify is None or bool(self.verify["passed"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return {
+            "input_format": self.input_format,
+            "report": self.report.to_dict(),
+            "onnx_report": self.onnx_report.to_dict() if self.onnx_report else None,
+            "output": self.output,
+            "verify": self.verify,
+            "bench": self.bench,
+            "notes": list(self.notes),
+        }
+
+
+def _inputs(loaded: Loaded, shapes: list[tuple[int, ...]] | None) -> tuple[torch.Tensor, ...] | None:
+    shapes = shapes or ([loaded.input_shape] if loaded.input_shape else None)
+    if not shapes:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(s, generator=generator) for s in shapes)
+
+
+def _check_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None) -> None:
+    if inputs is None:
+        return
+    try:
+        with torch.no_grad():
+            model.eval()(*inputs)
+    except Exception as error:  # noqa: BLE001 - the model decides what it accepts
+        shapes = ", ".join(",".join(str(d) for d in x.shape) for x in inputs)
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise BnfoldError(f"the model rejects input shape {shapes}: {first}") from None
+
+
+def _preserve_bn_onnx(model: nn.Module, inputs: tuple) -> onnx.ModelProto:
+    """The original exported with every BN kept, so ONNX Runtime can be timed before folding."""
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model,
+        inputs,
+        buffer,
+        dynamo=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        input_names=["input"],
+        dynamic_axes={"input": {0: "batch"}},
+        do_constant_folding=False,
+    )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _save_torch(output: Path, folded: nn.Module, report: FoldReport, loaded: Loaded, inputs: tuple | None) -> None:
+    suffix = output.suffix
+    if suffix in (".pt", ".pth"):
+        if isinstance(folded, torch.jit.ScriptModule):
+            atomic_write(output, lambda tmp: torch.jit.save(folded, str(tmp)))
+            return
+        if not loaded.arch:
+            raise BnfoldError(f"{output}: a .pt output needs the architecture (--arch); write .onnx or .pt2 instead")
+        save_folded(output, folded, report, loaded.arch, loaded.arch_kwargs)
+    elif suffix == ".pt2":
+        if inputs is None:
+            raise BnfoldError(f"{output}: a .pt2 output needs an input shape (--input-shape)")
+        program = torch.export.export(folded, inputs)
+        atomic_write(output, lambda tmp: torch.export.save(program, str(tmp)))
+    elif suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        if not loaded.arch:
+            raise BnfoldError(f"{output}: a .safetensors output needs the architecture (--arch)")
+        meta = {
+            "format": "bnfold.folded/1",
+            "arch": loaded.arch,
+            "arch_kwargs": json.dumps(loaded.arch_kwargs),
+            "replaced": json.dumps({e.name: e.kind for e in report.layers if e.folded}),
+        }
+        state = {k: v.detach().contiguous() for k, v in folded.state_dict().items()}
+        atomic_write(output, lambda tmp: save_file(state, str(tmp), metadata=meta))
+
+
+def run_pipeline(
+    path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    arch: str | None = None,
+    arch_kwargs: dict[str, Any] | None = None,
+    input_shapes: list[tuple[int, ...]] | None = None,
+    unsafe_pickle: bool = False,
+    allow_initializer_inputs: bool = False,
+    do_verify: bool = False,
+    do_bench: bool = False,
+    simplify: bool = False,
+    bench_iterations: int = 50,
+    stage: Callable[[str], None] = lambda message: None,
+) -> PipelineResult:
+    """Load ``path``, fold it, write ``output`` (format from its suffix), verify and benchmark.
+
+    Args:
+        path: Any file :func:`bnfold.load` reads.
+        output: ``.onnx`` (fold, export, second ONNX sweep), ``.pt``, ``.pt2`` or ``.safetensors``.
+        arch: Architecture for bare weights.
+        arch_kwargs: Its keyword arguments.
+        input_shapes: Input shapes where the file does not say.
+        unsafe_pickle: Allow whole pickled modules (runs code from the file).
+        allow_initializer_inputs: See :func:`bnfold.fold_onnx`.
+        do_verify: Compare the result with the original against float64.
+        do_bench: Time the original and the result.
+        simplify: Run onnx-simplifier on an ONNX output (kept only if it verifies).
+        bench_iterations: Timed calls per measurement.
+        stage: Called with a short message as each stage starts.
+
+    Returns:
+        What was done; ``passed`` is False when verification failed.
+
+    Raises:
+        BnfoldError: Any user-fixable problem, before anything is written.
+    """
+    out = Path(output) if output else None
+    if out is not None and out.suffix not in OUTPUT_SUFFIXES:
+        raise BnfoldError(
+            f"{out}: unsupported output suffix {out.suffix or '(none)'}; use {', '.join(OUTPUT_SUFFIXES)}"
+        )
+    stage("load")
+    loaded = load_detailed(path, arch, arch_kwargs, unsafe_pickle=unsafe_pickle)
+    if isinstance(loaded.model, onnx.ModelProto):
+        if out is not None and out.suffix != ".onnx":
+            raise BnfoldError(f"{out}: an ONNX input is written as .onnx")
+        stage("fold (ONNX pass)")
+        folded_proto, report = fold_onnx(loaded.model, allow_initializer_inputs=allow_initializer_inputs)
+        result = PipelineResult(loaded.format, report)
+        if out is not None:
+            save_onnx(folded_proto, out)
+            result.output = str(out)
+        if do_verify:
+            stage("verify")
+            result.verify = verify(loaded.model, folded_proto, input_shapes=input_shapes).to_dict()
+        if do_bench:
+            stage("bench")
+            shape = input_shapes[0] if input_shapes else None
+            before = benchmark(
+                loaded.model, input_shape=shape, iterations=bench_iterations, label="original", progress=False
+            )
+            after = benchmark(
+                folded_proto, input_shape=shape, iterations=bench_iterations, label="folded", progress=False
+            )
+            result.bench = {"original": before.to_dict(), "folded": after.to_dict(), "compare": compare(before, after)}
+        return result
+    model = loaded.model
+    inputs = _inputs(loaded, input_shapes)
+    _check_inputs(model, inputs)
+    stage("fold (PyTorch pass)")
+    if isinstance(model, torch.jit.ScriptModule):
+        folded, report = fold_torchscript(model)
+    else:
+        folded, report = fold_torch(model, inputs)
+    result = PipelineResult(loaded.format, report)
+    exported: onnx.ModelProto | None = None
+    if out is not None and out.suffix == ".onnx":
+        if inputs is None:
+            raise BnfoldError(f"{out}: ONNX export needs an input shape (--input-shape)")
+        stage("export + ONNX sweep")
+        exported_result = export_onnx(folded, inputs, out, simplify=simplify)
+        result.onnx_report = exported_result.onnx_report
+        result.notes += [
+            f"exported with the {exported_result.exporter} exporter, opset {exported_result.opset}",
+            *exported_result.notes,
+        ]
+        exported = onnx.load(str(out))
+        result.output = str(out)
+    elif out is not None:
+        stage("write")
+        _save_torch(out, folded, report, loaded, inputs)
+        result.output = str(out)
+    if do_verify:
+        stage("verify")
+        if inputs is None:
+            raise BnfoldError("--verify needs an input shape (--input-shape)")
+        shapes = [tuple(x.shape) for x in inputs]
+        checks = {"torch": verify(model, folded, input_shapes=shapes).to_dict()}
+        if exported is not None:
+            checks["onnx"] = verify(model, exported, input_shapes=shapes).to_dict()
+        result.verify = {"passed": all(c["passed"] for c in checks.values()), **checks}
+    if do_bench:
+        stage("bench")
+        if inputs is None:
+            raise BnfoldError("--bench needs an input shape (--input-shape)")
+        shape = tuple(inputs[0].shape)
+        if exported is not None:
+            original = _preserve_bn_onnx(model, inputs)
+            before = benchmark(
+                original, input_shape=shape, iterations=bench_iterations, label="original (BN kept)", progress=False
+            )
+            after = benchmark(exported, input_shape=shape, iterations=bench_iterations, label="folded", progress=False)
+        else:
+            before = benchmark(model, input_shape=shape, iterations=bench_iterations, label="original", progress=False)
+            after = benchmark(folded, input_shape=shape, iterations=bench_iterations, label="folded", progress=False)
+        result.bench = {"original": before.to_dict(), "folded": after.to_dict(), "compare": compare(before, after)}
+    return result
+
+
+def summary_text(result: PipelineResult) -> str:
+    """The final summary a person reads."""
+    lines = [str(result.report)]
+    if result.onnx_report is not None and result.onnx_report.bn_total:
+        lines += ["second sweep over the ONNX export:", str(result.onnx_report)]
+    if result.output:
+        lines.append(f"wrote {result.output}")
+    if result.verify is not None:
+        for key, check in result.verify.items():
+            if key == "passed":
+                continue
+            worst = max(o["scaled_max"] for r in check["runtimes"] for o in r["outputs"])
+            own = max((o["scaled_max"] for o in check["reference_error"]), default=0.0)
+            verdict = "pass" if check["passed"] else "MISMATCH"
+            lines.append(
+                f"verify ({key}): {verdict}; max error {worst:.3g} of output scale vs float64 "
+                f"(the original in its own dtype: {own:.3g})"
+            )
+            lines += [
+                f"  first divergence: {r['first_divergence']}" for r in check["runtimes"] if r["first_divergence"]
+            ]
+    if result.bench is not None:
+        lines.append(result.bench["compare"]["text"])
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)

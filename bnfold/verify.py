@@ -1,0 +1,469 @@
+"""Numerical equivalence of a candidate (e.g. the folded model) with a reference, against float64 truth.
+
+The truth is the reference evaluated in float64 (the torch module cast to double, or
+the ONNX graph cast to double and run by the ONNX reference evaluator). The candidate
+runs on each requested runtime in its own dtype, ONNX Runtime with its graph
+optimisations off (it would fold BN itself). The reference's own error in its dtype is
+reported beside, so a user sees whether folding added error. On a mismatch the first
+diverging layer is named, from intermediate tensors (forward hooks in torch, extra
+graph outputs in ONNX).
+
+Default tolerances, by the candidate's dtype (``atol`` scales with max |truth| unless
+given): float32 rtol 1e-4, atol 1e-5; float16 rtol 1e-2, atol 1e-2; bfloat16 rtol 5e-2,
+atol 5e-2; float64 rtol 1e-10, atol 1e-12. An element passes when
+``|candidate - truth| <= atol + rtol * |truth|``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+from torch import nn
+
+from bnfold.compare import ErrorStats, error_stats
+from bnfold.errors import BnfoldError
+from bnfold.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES, check_available, run_onnx, run_torch, run_torch64
+
+__all__ = ["TOLERANCES", "VerifyResult", "verify"]
+
+TOLERANCES = {
+    "float32": (1e-4, 1e-5),
+    "float16": (1e-2, 1e-2),
+    "bfloat16": (5e-2, 5e-2),
+    "float64": (1e-10, 1e-12),
+}
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.DOUBLE: "float64",
+}
+
+
+@dataclasses.dataclass
+class OutputCheck:
+    """One output on one runtime, worst over all input draws."""
+
+    output: int
+    stats: ErrorStats
+    min_atol: float  # the smallest atol that passes with rtol = 0
+    min_rtol: float  # the smallest rtol that passes with atol = 0
+    passed: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "output": self.output,
+            **self.stats.to_dict(),
+            "min_atol": self.min_atol,
+            "min_rtol": self.min_rtol,
+            "passed": self.passed,
+        }
+
+
+@dataclasses.dataclass
+class RuntimeCheck:
+    """The candidate on one runtime."""
+
+    runtime: str
+    passed: bool
+    outputs: list[OutputCheck]
+    first_divergence: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "runtime": self.runtime,
+            "passed": self.passed,
+            "outputs": [o.to_dict() for o in self.outputs],
+            "first_divergence": self.first_divergence,
+        }
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    """The outcome of :func:`verify`."""
+
+    passed: bool
+    dtype: str
+    rtol: float
+    atol: float
+    draws: int
+    runtimes: list[RuntimeCheck]
+    reference_error: list[OutputCheck]
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "passed": self.passed,
+            "dtype": self.dtype,
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "draws": self.draws,
+            "runtimes": [r.to_dict() for r in self.runtimes],
+            "reference_error": [o.to_dict() for o in self.reference_error],
+            "notes": list(self.notes),
+        }
+
+    def __str__(self) -> str:
+        """A table: one row per runtime and output, then the verdict."""
+        lines = [f"{'runtime':<14} {'out':>3} {'max abs':>10} {'max rel':>10} {'rel L2':>10} {'of scale':>10}  result"]
+        rows = [(r.runtime, o, "pass" if o.passed else "FAIL") for r in self.runtimes for o in r.outputs]
+        rows += [("reference", o, "(own dtype)") for o in self.reference_error]
+        for name, o, verdict in rows:
+            s = o.stats
+            lines.append(
+                f"{name:<14} {o.output:>3} {s.max_abs:>10.3g} {s.max_rel:>10.3g} {s.rel_l2:>10.3g} "
+                f"{s.scaled_max:>10.3g}  {verdict}"
+            )
+        for r in self.runtimes:
+            if r.first_divergence:
+                lines.append(f"{r.runtime}: first divergence at {r.first_divergence}")
+        lines.extend(f"note: {n}" for n in self.notes)
+        verdict = "PASS" if self.passed else "MISMATCH"
+        lines.append(
+            f"{verdict}: {self.dtype} tolerances rtol={self.rtol:g}, atol={self.atol:g} x max|truth|, "
+            f"{self.draws} input draw(s)"
+        )
+        return "\n".join(lines)
+
+
+# -- models as runners -----------------------------------------------------------------------
+
+
+def _dtype_of(model: nn.Module | onnx.ModelProto) -> str:
+    if isinstance(model, nn.Module):
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return str(dtype).removeprefix("torch.")
+    elem = next((t.data_type for t in model.graph.initializer if t.data_type in _ONNX_DTYPES), onnx.TensorProto.FLOAT)
+    return _ONNX_DTYPES[elem]
+
+
+def _onnx_input_specs(model: onnx.ModelProto) -> list[tuple[tuple[int, ...], np.dtype]]:
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        shape = []
+        for axis, dim in enumerate(tensor.shape.dim):
+            if dim.HasField("dim_value"):
+                shape.append(dim.dim_value)
+            elif axis == 0:
+                shape.append(2)
+            else:
+                raise BnfoldError(f"input '{value.name}' has a dynamic axis {axis}: pass inputs or --input-shape")
+        specs.append((tuple(shape), helper.tensor_dtype_to_np_dtype(tensor.elem_type)))
+    return specs
+
+
+def _draws(specs: list[tuple[tuple[int, ...], Any]], count: int) -> list[list[np.ndarray]]:
+    draws = []
+    for seed in range(count):
+        rng = np.random.default_rng(seed)
+        batch = []
+        for shape, dtype in specs:
+            if np.issubdtype(dtype, np.floating):
+                values = [rng.standard_normal(shape), rng.standard_normal(shape) * 10 + 3, rng.random(shape)][seed % 3]
+                batch.append(values.astype(dtype))
+            else:
+                batch.append(rng.integers(0, 2, shape).astype(dtype))
+        draws.append(batch)
+    return draws
+
+
+def _truth(reference: nn.Module | onnx.ModelProto, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    if isinstance(reference, nn.Module):
+        return run_torch64(reference, inputs)
+    from bnfold.onnx_eval import reference_float64
+
+    names = [i.name for i in reference.graph.input if i.name not in {t.name for t in reference.graph.initializer}]
+    return reference_float64(reference, dict(zip(names, inputs, strict=True)))
+
+
+def _run(model: nn.Module | onnx.ModelProto, inputs: list[np.ndarray], runtime: str) -> list[np.ndarray]:
+    if isinstance(model, nn.Module):
+        return run_torch(model, inputs, runtime)
+    feeds = [
+        x.astype(np.float16) if _dtype_of(model) == "float16" and np.issubdtype(x.dtype, np.floating) else x
+        for x in inputs
+    ]
+    return run_onnx(model, feeds, runtime)
+
+
+def _check(
+    got: list[np.ndarray], truth: list[np.ndarray], rtol: float, atol: float | None, atol_factor: float
+) -> list[OutputCheck]:
+    """Compare outputs; ``atol`` None means ``atol_factor * max|truth|`` per output."""
+    if len(got) != len(truth):
+        raise BnfoldError(f"the candidate has {len(got)} outputs, the reference {len(truth)}")
+    checks = []
+    for i, (g, t) in enumerate(zip(got, truth, strict=True)):
+        if np.shape(g) != np.shape(t):
+            raise BnfoldError(f"output {i}: shape {np.shape(g)} differs from the reference's {np.shape(t)}")
+        g64, t64 = np.asarray(g, dtype=np.float64), np.asarray(t, dtype=np.float64)
+        stats = error_stats(g64, t64)
+        diff = np.abs(g64 - t64)
+        scale = float(np.abs(t64).max()) if t64.size else 0.0
+        limit = (atol if atol is not None else atol_factor * scale) + rtol * np.abs(t64)
+        nonzero = np.abs(t64) > 0
+        min_rtol = float((diff[nonzero] / np.abs(t64[nonzero])).max()) if nonzero.any() else 0.0
+        if (diff[~nonzero] > 0).any():
+            min_rtol = float("inf")
+        checks.append(OutputCheck(i, stats, stats.max_abs, min_rtol, bool((diff <= limit).all())))
+    return checks
+
+
+def _worst(a: list[OutputCheck] | None, b: list[OutputCheck]) -> list[OutputCheck]:
+    """Keep, per output, the draw that failed, else the one with the larger error."""
+    if a is None:
+        return b
+    return [
+        x if (not x.passed, x.stats.scaled_max) >= (not y.passed, y.stats.scaled_max) else y
+        for x, y in zip(a, b, strict=True)
+    ]
+
+
+# -- localisation ------------------------------------------------------------------------------
+
+
+_CHANGED_BY_FOLDING = (nn.Identity, nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+def _torch_intermediates(model: nn.Module, inputs: list[np.ndarray], float64: bool) -> dict[str, np.ndarray]:
+    """Output of every module's first call, in completion order; the ``name`` key maps to its type too."""
+    model = copy.deepcopy(model).eval().cpu()
+    if float64:
+        model = model.double()
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    seen: dict[str, np.ndarray] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+
+        def hook(mod: nn.Module, args: tuple, out: object, name: str = name) -> None:
+            if isinstance(out, torch.Tensor) and name not in seen:
+                seen[name] = out.detach().to(torch.float64).numpy()
+
+        handles.append(module.register_forward_hook(hook))
+    tensors = [torch.from_numpy(np.array(x)) for x in inputs]
+    tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+    try:
+        with torch.no_grad():
+            model(*tensors)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _torch_divergence(
+    reference: nn.Module, candidate: nn.Module, inputs: list[np.ndarray], rtol: float, atol_factor: float
+) -> str | None:
+    """First module output, among those folding leaves unchanged, where the two models differ.
+
+    Conv/Linear outputs (and BN outputs, for folds into the following layer)
+    legitimately change when BN is folded; every other module's output must not.
+    The layers run between the last matching point and the first diverging one
+    are named.
+    """
+    truth = _torch_intermediates(reference, inputs, float64=True)
+    got = _torch_intermediates(candidate, inputs, float64=False)
+    modules = dict(candidate.named_modules())
+    last_good, between = None, []
+    for name, value in got.items():
+        module = modules.get(name)
+        if isinstance(module, _CHANGED_BY_FOLDING) or name not in truth or np.shape(truth[name]) != np.shape(value):
+            if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+                between.append(name)
+            continue
+        check = _check([value], [truth[name]], rtol, None, atol_factor)[0]
+        if check.passed:
+            last_good, between = name, []
+            continue
+        where = f"after '{last_good}'" if last_good else "from the input"
+        layers = f"; layers run in between: {', '.join(between)}" if between else ""
+        return (
+            f"module '{name}' ({type(module).__name__}) {where}: max abs {check.stats.max_abs:.3g}, "
+            f"{check.stats.scaled_max:.3g} of its scale{layers}"
+        )
+    return None
+
+
+def _onnx_intermediates(
+    model: onnx.ModelProto, names: list[str], inputs: list[np.ndarray], float64: bool, runtime: str
+) -> dict[str, np.ndarray]:
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    outputs = {o.name for o in exposed.graph.output}
+    for name in names:
+        if name not in outputs:
+            exposed.graph.output.append(onnx.ValueInfoProto(name=name))
+    all_names = [o.name for o in exposed.graph.output]
+    if float64:
+        from bnfold.onnx_eval import reference_float64
+
+        graph_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+        values = reference_float64(exposed, dict(zip(graph_inputs, inputs, strict=True)))
+    else:
+        values = _run(exposed, inputs, runtime)
+    return {n: np.asarray(v, dtype=np.float64) for n, v in zip(all_names, values, strict=True) if n in names}
+
+
+def _first_divergence(
+    reference: nn.Module | onnx.ModelProto,
+    candidate: nn.Module | onnx.ModelProto,
+    inputs: list[np.ndarray],
+    runtime: str,
+    rtol: float,
+    atol_factor: float,
+) -> str | None:
+    if isinstance(reference, nn.Module) and isinstance(candidate, nn.Module):
+        return _torch_divergence(reference, candidate, inputs, rtol, atol_factor)
+    if not (isinstance(reference, onnx.ModelProto) and isinstance(candidate, onnx.ModelProto)):
+        return None
+    # the ONNX pass keeps value names: a folded layer writes under the BN's output name
+    produced = {o for n in reference.graph.node for o in n.output}
+    order = [o for n in candidate.graph.node for o in n.output if o and o in produced]
+    describe = {
+        o: f"node '{n.name or n.op_type}' ({n.op_type}, output '{o}')" for n in candidate.graph.node for o in n.output
+    }
+    truth = _onnx_intermediates(reference, order, inputs, True, runtime)
+    got = _onnx_intermediates(candidate, order, inputs, False, runtime)
+    for name in order:
+        if name not in truth or name not in got or np.shape(truth[name]) != np.shape(got[name]):
+            continue
+        check = _check([got[name]], [truth[name]], rtol, None, atol_factor)[0]
+        if not check.passed:
+            return f"{describe[name]}: max abs {check.stats.max_abs:.3g}, {check.stats.scaled_max:.3g} of its scale"
+    return None
+
+
+# -- the API ----------------------------------------------------------------------------------
+
+
+def _as_model(value: Any, label: str) -> nn.Module | onnx.ModelProto:
+    if isinstance(value, nn.Module | onnx.ModelProto):
+        return value
+    if isinstance(value, str) or hasattr(value, "__fspath__"):
+        from bnfold.loading import load
+
+        return load(value)
+    raise BnfoldError(f"{label}: expected a torch module, an onnx.ModelProto or a path, got {type(value).__name__}")
+
+
+def _input_draws(
+    reference: nn.Module | onnx.ModelProto,
+    candidate: nn.Module | onnx.ModelProto,
+    inputs: Any,
+    input_shapes: list[tuple[int, ...]] | None,
+    draws: int,
+) -> list[list[np.ndarray]]:
+    if inputs is not None:
+        if isinstance(inputs, torch.Tensor | np.ndarray):
+            inputs = [inputs]
+        if isinstance(inputs, dict):
+            inputs = list(inputs.values())
+        return [[x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs]]
+    if input_shapes:
+        return _draws([(tuple(s), np.float32) for s in input_shapes], draws)
+    onnx_model = next((m for m in (candidate, reference) if isinstance(m, onnx.ModelProto)), None)
+    if onnx_model is None:
+        raise BnfoldError("cannot tell the input shape of a torch model: pass inputs or input shapes (--input-shape)")
+    return _draws(
+        [(shape, np.float32 if np.issubdtype(dt, np.floating) else dt) for shape, dt in _onnx_input_specs(onnx_model)],
+        draws,
+    )
+
+
+def verify(
+    reference: Any,
+    candidate: Any,
+    inputs: Any = None,
+    *,
+    runtimes: tuple[str, ...] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    input_shapes: list[tuple[int, ...]] | None = None,
+    draws: int = 3,
+) -> VerifyResult:
+    """Check that ``candidate`` computes what ``reference`` computes.
+
+    Args:
+        reference: The original: ``nn.Module``, ``onnx.ModelProto`` or a path.
+        candidate: The model to check (e.g. the folded one), same kinds.
+        inputs: One set of inputs (tensor, array, list or dict); by default
+            ``draws`` seeded random draws (normal, scaled and shifted, uniform).
+        runtimes: Where the candidate runs; default ``torch-cpu`` for a module,
+            ``ort-cpu`` for ONNX.
+        rtol: Relative tolerance; default by the candidate's dtype (module doc).
+        atol: Absolute tolerance; default scales with max |truth|.
+        input_shapes: Input shapes for torch models when no inputs are given.
+        draws: Number of random draws.
+
+    Returns:
+        Per-runtime, per-output statistics and the verdict.
+
+    Raises:
+        BnfoldError: Unusable arguments, an absent runtime, mismatched outputs.
+    """
+    reference, candidate = _as_model(reference, "reference"), _as_model(candidate, "candidate")
+    is_module = isinstance(candidate, nn.Module)
+    runtimes = tuple(runtimes or (("torch-cpu",) if is_module else ("ort-cpu",)))
+    for runtime in runtimes:
+        check_available(runtime)
+        allowed = TORCH_RUNTIMES if is_module else ONNX_RUNTIMES
+        if runtime not in allowed:
+            kind = "a torch module" if is_module else "an ONNX model"
+            raise BnfoldError(f"runtime {runtime} cannot run {kind}; choose from {', '.join(allowed)}")
+    dtype = _dtype_of(candidate)
+    default_rtol, atol_factor = TOLERANCES.get(dtype, TOLERANCES["float32"])
+    rtol = default_rtol if rtol is None else rtol
+    batches = _input_draws(reference, candidate, inputs, input_shapes, draws)
+    own_runtime = "torch-cpu" if isinstance(reference, nn.Module) else "ort-cpu"
+    results: dict[str, list[OutputCheck] | None] = {r: None for r in runtimes}
+    reference_error: list[OutputCheck] | None = None
+    failing_batch: dict[str, list[np.ndarray]] = {}
+    for batch in batches:
+        truth = _truth(reference, batch)
+        reference_error = _worst(
+            reference_error, _check(_run(reference, batch, own_runtime), truth, rtol, atol, atol_factor)
+        )
+        for runtime in runtimes:
+            checks = _check(_run(candidate, batch, runtime), truth, rtol, atol, atol_factor)
+            if not all(c.passed for c in checks):
+                failing_batch.setdefault(runtime, batch)
+            results[runtime] = _worst(results[runtime], checks)
+    notes = []
+    checks_by_runtime = []
+    for runtime in runtimes:
+        outputs = results[runtime] or []
+        passed = all(o.passed for o in outputs)
+        divergence = None
+        if not passed:
+            divergence = _first_divergence(reference, candidate, failing_batch[runtime], runtime, rtol, atol_factor)
+            if divergence is None:
+                notes.append(
+                    "no layer could be singled out (the two models are in different formats, or only the "
+                    "final outputs diverge)"
+                )
+        checks_by_runtime.append(RuntimeCheck(runtime, passed, outputs, divergence))
+    return VerifyResult(
+        passed=all(r.passed for r in checks_by_runtime),
+        dtype=dtype,
+        rtol=rtol,
+        atol=atol if atol is not None else atol_factor,
+        draws=len(batches),
+        runtimes=checks_by_runtime,
+        reference_error=reference_error or [],
+        notes=notes,
+    )

@@ -1,0 +1,113 @@
+"""verify: passes right folds, catches a planted wrong one and names the layer, by dtype tolerances."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import randomized
+from onnx import numpy_helper
+
+import bnfold
+from bnfold import zoo
+from bnfold.cli import main
+from bnfold.errors import BnfoldError
+from bnfold.export import export_onnx
+from bnfold.verify import verify
+
+
+def _folded(name="resnet-tiny"):
+    model = randomized(zoo.build(name))
+    folded, _ = bnfold.fold(model)
+    return model, folded
+
+
+def test_right_fold_passes_with_statistics():
+    model, folded = _folded()
+    result = verify(model, folded, input_shapes=[(2, 1, 8, 8)])
+    assert result.passed and result.draws == 3 and result.dtype == "float32"
+    out = result.runtimes[0].outputs[0]
+    assert out.min_atol == out.stats.max_abs and out.stats.scaled_max < 1e-5
+    assert result.reference_error[0].stats.scaled_max < 1e-5
+    d = result.to_dict()
+    assert {"passed", "runtimes", "reference_error", "rtol", "atol"} <= d.keys()
+
+
+def test_planted_wrong_fold_is_caught_and_localised():
+    model, folded = _folded()
+    with torch.no_grad():
+        folded.layers[1].conv2.weight[0, 0, 0, 0] += 0.5
+    result = verify(model, folded, input_shapes=[(2, 1, 8, 8)])
+    assert not result.passed
+    assert "layers.1.conv2" in result.runtimes[0].first_divergence
+
+
+def test_onnx_candidate_localised_by_node(tmp_path):
+    model = randomized(zoo.build("cnn-bn"))
+    x = zoo.example_input("cnn-bn")
+    import io
+
+    buffer = io.BytesIO()
+    torch.onnx.export(model, (x,), buffer, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
+                      input_names=["x"])
+    original = onnx.load_from_string(buffer.getvalue())
+    folded, _ = bnfold.fold_onnx(original)
+    assert verify(original, folded).passed
+    conv = next(n for n in folded.graph.node if n.op_type == "Conv")
+    weight = next(t for t in folded.graph.initializer if t.name == conv.input[1])
+    array = numpy_helper.to_array(weight).copy()
+    array[0] *= 1.5
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    result = verify(original, folded)
+    assert not result.passed
+    assert f"({conv.op_type}, output '{conv.output[0]}')" in result.runtimes[0].first_divergence
+
+
+def test_tolerances_follow_dtype():
+    model = randomized(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
+    folded, _ = bnfold.fold(model.half())
+    result = verify(model.float(), folded, input_shapes=[(2, 3, 6, 6)])
+    assert result.dtype == "float16" and result.rtol == 1e-2 and result.passed
+    strict = verify(model.float(), folded, input_shapes=[(2, 3, 6, 6)], rtol=1e-9, atol=1e-12)
+    assert not strict.passed
+
+
+def test_usage_errors():
+    model, folded = _folded()
+    with pytest.raises(BnfoldError, match="input shape"):
+        verify(model, folded)
+    with pytest.raises(BnfoldError, match="cannot run"):
+        verify(model, folded, input_shapes=[(2, 1, 8, 8)], runtimes=("ort-cpu",))
+    with pytest.raises(BnfoldError, match="choose from"):
+        verify(model, folded, input_shapes=[(2, 1, 8, 8)], runtimes=("tpu",))
+
+
+def test_cli_verify_exit_codes(tmp_path):
+    model, folded = _folded("cnn-bn")
+    x = zoo.example_input("cnn-bn")
+    export_onnx(model, x, tmp_path / "orig.onnx", exporter="torchscript")
+    export_onnx(folded, x, tmp_path / "fold.onnx")
+    runner = CliRunner()
+    ok = runner.invoke(main, ["verify", str(tmp_path / "orig.onnx"), str(tmp_path / "fold.onnx"), "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["passed"] is True
+    bad = onnx.load(tmp_path / "fold.onnx")
+    init = max(bad.graph.initializer, key=lambda t: np.prod(t.dims))
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.1, init.name))
+    onnx.save(bad, tmp_path / "bad.onnx")
+    mismatch = runner.invoke(main, ["verify", str(tmp_path / "orig.onnx"), str(tmp_path / "bad.onnx")])
+    assert mismatch.exit_code == 1 and "MISMATCH" in mismatch.output
+    np.save(tmp_path / "x.npy", x.numpy())
+    own = runner.invoke(main, ["verify", str(tmp_path / "orig.onnx"), str(tmp_path / "fold.onnx"),
+                               "--inputs", str(tmp_path / "x.npy")])
+    assert own.exit_code == 0 and "1 input draw" in own.output
+    usage = runner.invoke(main, ["verify", str(tmp_path / "orig.onnx"), str(tmp_path / "missing.onnx")])
+    assert usage.exit_code == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_verify_on_cuda():
+    model, folded = _folded()
+    assert verify(model, folded, input_shapes=[(2, 1, 8, 8)], runtimes=("torch-cuda",)).passed
