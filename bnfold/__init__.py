@@ -7,6 +7,7 @@ from bnfold.loading import load
 from bnfold.onnx_fold import fold_onnx
 from bnfold.report import FoldReport, LayerEntry
 from bnfold.torch_fold import fold
+from bnfold.training import population_statistics
 from bnfold.verify import verify
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "fold",
     "fold_onnx",
     "load",
+    "population_statistics",
     "verify",
 ]
 __version__ = "0.1.0"

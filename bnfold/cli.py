@@ -316,6 +316,100 @@ def bench_command(
     _emit(as_json, False, payload, text)
 
 
+@main.command(name="train")
+@click.option("--arch", default="resnet-tiny", show_default=True, help="Zoo name or package.module:callable.")
+@_kwargs_option
+@click.option(
+    "--data", default="digits", show_default=True, help="digits, a directory of MNIST IDX files, or x/y .npz."
+)
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
+@click.option("--lr", default=0.01, show_default=True, type=float)
+@click.option("--epochs", default=5, show_default=True, type=int)
+@click.option("--steps", type=int, help="Train this many steps instead of --epochs.")
+@click.option("--batch-size", default=64, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--sync-bn", is_flag=True, help="Under torchrun: convert BN to SyncBatchNorm.")
+@click.option("--experiment", type=click.Choice(["paper-mnist"]), help="Run the BN paper's Figure 1 instead.")
+@click.option("--eval-every", default=500, show_default=True, help="paper-mnist: evaluation interval in steps.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Checkpoint (.pt); paper-mnist: figure (.png).")
+@click.option("--force", is_flag=True, help="Replace existing output files.")
+@_json_option
+def train_command(
+    arch: str,
+    arch_kwargs: str | None,
+    data: str,
+    optimizer: str,
+    lr: float,
+    epochs: int,
+    steps: int | None,
+    batch_size: int,
+    seed: int,
+    device: str,
+    sync_bn: bool,
+    experiment: str | None,
+    eval_every: int,
+    output: str | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Train a BN network and give it population statistics (Algorithm 2); also under torchrun.
+
+    The checkpoint is self-describing: `bnfold fold CKPT` needs no --arch.
+    """
+    import os
+
+    rank = int(os.environ.get("RANK", "0"))
+    if experiment == "paper-mnist":
+        from bnfold.training.paper import PaperConfig, run_paper_experiment, write_figure
+
+        png = Path(output or "paper-mnist.png")
+        json_path = png.with_suffix(".json")
+        for target in (png, json_path):
+            check_output(target, force=force)
+        config = PaperConfig(data=data, steps=steps or 50_000, eval_every=eval_every, seed=seed)
+        result = run_paper_experiment(config, progress=not as_json)
+        write_figure(result, png, json_path)
+        final = {k: result[k]["accuracy"][-1] for k in ("without_bn", "with_bn")}
+        _emit(
+            as_json,
+            False,
+            {"final_accuracy": final, "png": str(png), "json": str(json_path)},
+            f"final held-out accuracy: without BN {final['without_bn']:.4f}, with BN {final['with_bn']:.4f}\n"
+            f"wrote {png} and {json_path}",
+        )
+        return
+    from bnfold.training.trainer import TrainConfig, train
+
+    if output and rank == 0:
+        check_output(output, force=force)
+    config = TrainConfig(
+        arch=arch,
+        arch_kwargs=_arch_kwargs(arch_kwargs),
+        data=data,
+        optimizer=optimizer,
+        lr=lr,
+        epochs=epochs,
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        sync_bn=sync_bn,
+    )
+    result = train(config, progress=not as_json)
+    if rank != 0:
+        return
+    if output:
+        result.save(output)
+    m = result.metrics
+    text = (
+        f"{arch}: {m['steps']} steps in {m['train_seconds']} s on {m['world_size']} process(es); held-out "
+        f"accuracy {m['test_accuracy']:.4f} with population statistics ({m['test_accuracy_moving_average']:.4f} "
+        "with moving averages)" + (f"\nwrote {output}" if output else "")
+    )
+    _emit(as_json, False, {"metrics": m, "statistics": result.statistics, "output": output}, text)
+
+
 @main.command(name="zoo")
 def zoo_command() -> None:
     """List the built-in architectures."""
@@ -325,11 +419,16 @@ def zoo_command() -> None:
 
 
 @main.command()
+@click.option(
+    "--checkpoint", type=click.Path(dir_okay=False), help="A trained checkpoint (default: train one briefly)."
+)
 @click.option("--arch", default=None, help="One zoo model instead of all of them.")
 @_json_option
-def demo(arch: str | None, as_json: bool) -> None:
-    """Fold the zoo models (random non-trivial BN statistics) and print reports and measured errors."""
-    from bnfold.demo import run_demo
+def demo(checkpoint: str | None, arch: str | None, as_json: bool) -> None:
+    """The main job end to end: a trained model folded, exported and verified; then every zoo model folded."""
+    from bnfold.demo import run_demo, run_trained_demo
 
-    result = run_demo([arch] if arch else list(zoo.ZOO))
-    _emit(as_json, False, result.to_dict(), result.text)
+    trained = run_trained_demo(checkpoint)
+    zoo_result = run_demo([arch] if arch else list(zoo.ZOO))
+    payload = {"trained": trained.rows[0], **zoo_result.to_dict()}
+    _emit(as_json, False, payload, trained.text + "\n\n" + zoo_result.text)

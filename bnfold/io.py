@@ -44,6 +44,12 @@ def check_output(path: str | os.PathLike, *, force: bool, inputs: Iterable[str |
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Write a file through ``write(temporary_path)`` and move it into place.
 
@@ -64,6 +70,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the output the usual permissions
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -15,13 +15,15 @@ from torch import nn
 __all__ = ["ZOO", "ZooEntry", "build", "example_input", "randomize_batchnorm"]
 
 
-def mlp_bn(hidden: int = 100, depth: int = 3, activation: str = "sigmoid") -> nn.Sequential:
-    """The BN paper's MNIST net: ``depth`` x (Linear -> BN -> activation), then Linear."""
+def mlp_bn(
+    hidden: int = 100, depth: int = 3, activation: str = "sigmoid", in_features: int = 64, batchnorm: bool = True
+) -> nn.Sequential:
+    """The BN paper's MNIST net: ``depth`` x (Linear, BN, activation), then Linear; ``batchnorm=False`` drops BN."""
     act = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU}[activation]
     layers: list[nn.Module] = []
-    width = 64
+    width = in_features
     for _ in range(depth):
-        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), act()]
+        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden) if batchnorm else nn.Identity(), act()]
         width = hidden
     return nn.Sequential(*layers, nn.Linear(width, 10))
 

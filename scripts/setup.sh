@@ -7,13 +7,15 @@ python=${PYTHON:-python3}
 stamp=.venv/.bnfold-setup
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  echo "bnfold: setting up .venv (first run only)..." >&2
+  echo "bnfold: setting up .venv (first run only; the log is .venv/setup.log)..." >&2
   [ -x .venv/bin/python ] || "$python" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' >&2 || true
+  log=.venv/setup.log
+  : > "$log"
+  step() { "$@" >> "$log" 2>&1 || { cat "$log" >&2; echo "bnfold: set-up failed: $*" >&2; exit 1; }; }
+  step .venv/bin/python -m pip install --upgrade pip
   # torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
-  .venv/bin/python -m pip install -q "${BNFOLD_TORCH:-torch==2.13.0}" 2>&1 | grep -v '^WARNING: Location' >&2 || true
-  .venv/bin/python -c 'import torch' || { echo "bnfold: torch failed to install" >&2; exit 1; }
-  .venv/bin/python -m pip install -q -e ".[export,train,io,test]" 2>&1 | grep -v '^WARNING: Location' >&2 || true
-  .venv/bin/python -c 'import bnfold, onnx, onnxruntime, pytest' || { echo "bnfold: install failed" >&2; exit 1; }
+  step .venv/bin/python -m pip install "${BNFOLD_TORCH:-torch==2.13.0}"
+  step .venv/bin/python -m pip install -e ".[export,train,io,test]"
+  step .venv/bin/python -c 'import bnfold, onnx, onnxruntime, onnxscript, onnxsim, pytest, sklearn, safetensors'
   echo "$want" > "$stamp"
 fi

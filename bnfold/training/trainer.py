@@ -1,0 +1,225 @@
+"""``bnfold train``: train a BN network, then give it population statistics, on one process or under torchrun."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from bnfold import zoo
+from bnfold.checkpoint import TRAINED_FORMAT, build_arch
+from bnfold.errors import BnfoldError
+from bnfold.io import atomic_write
+from bnfold.training.data import Dataset, load_dataset
+from bnfold.training.population import population_statistics
+
+__all__ = ["TrainConfig", "TrainResult", "input_shape_for", "train"]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that decides a training run (saved in the checkpoint)."""
+
+    arch: str = "resnet-tiny"
+    arch_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    data: str = "digits"
+    optimizer: str = "adam"
+    lr: float = 0.01
+    epochs: int = 5
+    steps: int | None = None
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "cpu"
+    sync_bn: bool = False
+    input_shape: tuple[int, ...] | None = None
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """A trained model with its population statistics, and what was measured."""
+
+    model: nn.Module
+    config: TrainConfig
+    input_shape: tuple[int, ...]  # one example, without the batch axis
+    metrics: dict[str, Any]
+    statistics: dict[str, Any]
+
+    def checkpoint(self) -> dict[str, Any]:
+        """A self-describing, weights-only-loadable checkpoint."""
+        config = dataclasses.asdict(self.config)
+        config["arch_kwargs"] = json.dumps(config["arch_kwargs"])
+        config["input_shape"] = list(self.input_shape)
+        return {
+            "format": TRAINED_FORMAT,
+            "arch": self.config.arch,
+            "arch_kwargs": json.dumps(self.config.arch_kwargs),
+            "input_shape": list(self.input_shape),
+            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "statistics": self.statistics,
+            "config": config,
+            "metrics": self.metrics,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the checkpoint atomically."""
+        payload = self.checkpoint()
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def input_shape_for(arch: str, data: Dataset, given: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """One example's shape for ``arch`` on ``data`` (zoo shapes adapt to the image size)."""
+    if given:
+        return given
+    template = zoo.ZOO[arch].input_shape if arch in zoo.ZOO else (data.features,)
+    if len(template) == 1:
+        return (data.features,)
+    if len(template) == 2:
+        return (1, data.features)
+    return (*template[:-2], data.side, data.side)
+
+
+def _arch_kwargs(arch: str, data: Dataset, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if arch in ("mlp-bn", "mlp-bn-before") and "in_features" not in kwargs:
+        return {**kwargs, "in_features": data.features}
+    return kwargs
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and os.environ.get("BNFOLD_BACKEND") != "gloo" else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(x), 512):
+            logits = model(x[start : start + 512].to(device))
+            correct += int((logits.argmax(1).cpu() == y[start : start + 512]).sum())
+    return correct / max(1, len(x))
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
+    """Train ``config.arch`` on ``config.data``, then compute population statistics (Algorithm 2).
+
+    Under torchrun (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel
+    (gloo on CPU, nccl on GPU), the data is sharded, and the population statistics are
+    pooled across ranks, so every rank holds the same model.
+
+    Raises:
+        BnfoldError: Bad configuration or data.
+    """
+    if config.optimizer not in ("adam", "sgd"):
+        raise BnfoldError(f"--optimizer {config.optimizer}: use adam or sgd")
+    if config.batch_size < 2 or config.lr <= 0 or (config.steps is not None and config.steps < 1) or config.epochs < 1:
+        raise BnfoldError("batch size must be at least 2; lr, steps and epochs positive")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise BnfoldError("--device cuda: no CUDA GPU is visible")
+    if config.sync_bn and config.device != "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise BnfoldError(
+            "--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only; add --device cuda (population "
+            "statistics are pooled across ranks either way)"
+        )
+    rank, world = _distributed()
+    device = torch.device(config.device)
+    if config.device == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.manual_seed(config.seed)
+    data = load_dataset(config.data, config.seed)
+    shape = input_shape_for(config.arch, data, config.input_shape)
+    kwargs = _arch_kwargs(config.arch, data, config.arch_kwargs)
+    config = dataclasses.replace(config, arch_kwargs=kwargs, input_shape=shape)
+    model = build_arch(config.arch, kwargs).to(device)
+    if config.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    x_train, y_train = data.tensors(shape, "train")
+    x_test, y_test = data.tensors(shape, "test")
+    dataset = TensorDataset(x_train, y_train)
+    sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=config.seed) if world > 1 else None
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(
+        dataset, config.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True, generator=generator
+    )
+    if len(loader) == 0:
+        raise BnfoldError(f"batch size {config.batch_size} exceeds the {len(dataset) // world} training examples")
+    wrapped: nn.Module = model
+    if world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = (torch.optim.Adam if config.optimizer == "adam" else torch.optim.SGD)(
+        wrapped.parameters(), lr=config.lr
+    )
+    total = config.steps or config.epochs * len(loader)
+    loss_fn = nn.CrossEntropyLoss()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=f"train {config.arch}", disable=not progress or rank != 0, leave=False)
+    step, epoch, start = 0, 0, time.perf_counter()
+    running_loss, running_correct, running_seen = 0.0, 0, 0
+    while step < total:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        wrapped.train()
+        for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
+            logits = wrapped(xb)
+            loss = loss_fn(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            running_loss += float(loss.detach()) * len(yb)
+            running_correct += int((logits.argmax(1) == yb).sum())
+            running_seen += len(yb)
+            bar.update(1)
+            bar.set_postfix(loss=f"{running_loss / running_seen:.3f}", acc=f"{running_correct / running_seen:.3f}")
+            if step >= total:
+                break
+        epoch += 1
+    bar.close()
+    seconds = time.perf_counter() - start
+    moving = _accuracy(model, x_test, y_test, device)
+    stats_loader = DataLoader(
+        dataset,
+        config.batch_size,
+        shuffle=False,
+        sampler=DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None,
+    )
+    pop = population_statistics(model, stats_loader, device=device, progress=progress and rank == 0)
+    population = _accuracy(model, x_test, y_test, device)
+    if config.sync_bn:  # same buffers as the architecture's own BNs: rebuild it for a portable model
+        plain = build_arch(config.arch, kwargs)
+        plain.load_state_dict(model.state_dict())
+        model = plain
+    metrics = {
+        "steps": step,
+        "epochs": epoch,
+        "train_seconds": round(seconds, 2),
+        "train_loss": running_loss / max(1, running_seen),
+        "train_accuracy": running_correct / max(1, running_seen),
+        "test_accuracy_moving_average": moving,
+        "test_accuracy": population,
+        "test_examples": len(x_test),
+        "world_size": world,
+    }
+    statistics = {
+        "method": "population statistics (BN paper, Algorithm 2): E[x] = sum m_B mu_B / sum m_B, "
+        "Var[x] = sum m_B sigma_B^2 / sum (m_B - 1), over one pass of the training set in train mode",
+        "batches": pop.batches * world,
+        "batch_size": config.batch_size,
+        "world_size": world,
+    }
+    return TrainResult(model.cpu().eval(), config, shape, metrics, statistics)
