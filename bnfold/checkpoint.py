@@ -7,7 +7,6 @@ import json
 import os
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from bnfold.report import FoldReport
 
 __all__ = [
     "FOLDED_FORMAT",
+    "rebuild_folded",
     "TRAINED_FORMAT",
     "build_arch",
     "load_folded",
@@ -63,9 +63,10 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         if found is None:
             raise BnfoldError(f"{p}: not a readable PyTorch checkpoint (invalid pickle data)") from None
         raise BnfoldError(
-            f"{p}: holds a pickled {found.group(1)}, which runs code when loaded; bnfold loads weights only"
+            f"{p}: holds a pickled {found.group(1)}, which runs code when loaded; bnfold loads weights only "
+            "(pass --unsafe-pickle, or unsafe_pickle=True, only for a file you trust)"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - a damaged archive fails in the zip, pickle or storage layers
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise BnfoldError(f"{p}: not a readable PyTorch checkpoint ({first})") from None
 
@@ -176,21 +177,29 @@ def save_folded(
 
 def load_folded(path: str | os.PathLike) -> nn.Module:
     """Rebuild a model written by :func:`save_folded`: architecture, BN removal, weights."""
-    from bnfold.torch_fold.kinds import bn_module
-
     payload = read_checkpoint(path)
     if not isinstance(payload, dict) or payload.get("format") != FOLDED_FORMAT:
         raise BnfoldError(f"{path}: not a bnfold folded checkpoint")
-    model = build_arch(payload["arch"], json.loads(payload["arch_kwargs"])).eval()
-    for name in payload["replaced"]:
+    return rebuild_folded(
+        payload["arch"], json.loads(payload["arch_kwargs"]), payload["replaced"], payload["state_dict"], str(path)
+    )
+
+
+def rebuild_folded(
+    arch: str, arch_kwargs: dict[str, Any], replaced: dict[str, str], state: dict[str, torch.Tensor], source: str
+) -> nn.Module:
+    """The architecture with its folded BNs removed (extra ops of BN subclasses kept) and the folded weights."""
+    from bnfold.torch_fold.kinds import bn_module
+
+    model = build_arch(arch, arch_kwargs).eval()
+    for name in replaced:
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         bn = bn_module(getattr(owner, attr))
         setattr(owner, attr, (bn.tail if bn is not None else None) or nn.Identity())
-    state = payload["state_dict"]
     for key, value in state.items():
         owner_name, _, leaf = key.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
         if leaf == "bias" and getattr(owner, "bias", False) is None:
             owner.bias = nn.Parameter(torch.zeros_like(value))  # folding gave this layer a bias
-    return load_into(model, payload["state_dict"], str(path)).eval()
+    return load_into(model, state, source).eval()

@@ -20,7 +20,7 @@ def _zip_kind(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except Exception:  # noqa: BLE001 - a damaged directory fails in many ways (bad names, versions, sizes)
         return None
     if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
         return "torch-export"

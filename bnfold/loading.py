@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,15 @@ import torch
 from torch import nn
 
 from bnfold import zoo
-from bnfold.checkpoint import FOLDED_FORMAT, TRAINED_FORMAT, build_arch, load_folded, load_into, read_checkpoint
+from bnfold.checkpoint import (
+    FOLDED_FORMAT,
+    TRAINED_FORMAT,
+    build_arch,
+    load_folded,
+    load_into,
+    read_checkpoint,
+    rebuild_folded,
+)
 from bnfold.checkpoint import state_dict_from as _state_dict_from
 from bnfold.errors import BnfoldError
 from bnfold.formats import detect_format
@@ -85,13 +94,19 @@ def load_detailed(
     if fmt == "onnx":
         return Loaded(load_onnx(p), fmt)
     if fmt == "safetensors":
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         try:
             state = load_file(str(p))
+            with safe_open(str(p), "pt") as handle:
+                meta = handle.metadata() or {}
         except (SafetensorError, OSError, ValueError) as error:
             raise BnfoldError(f"{p}: not a readable safetensors file ({error})") from None
+        if meta.get("format") == FOLDED_FORMAT:
+            arch, kwargs = meta["arch"], json.loads(meta["arch_kwargs"])
+            model = rebuild_folded(arch, kwargs, json.loads(meta["replaced"]), state, str(p))
+            return Loaded(model, "bnfold-folded", arch, kwargs, _zoo_shape(arch))
         return _with_arch(p, state, arch, kwargs, fmt)
     if fmt == "torchscript":
         try:
@@ -105,7 +120,11 @@ def load_detailed(
             raise BnfoldError(f"{p}: not a readable torch.export program ({type(error).__name__})") from None
         example = program.example_inputs[0] if program.example_inputs else ()
         shape = tuple(example[0].shape) if example and isinstance(example[0], torch.Tensor) else None
-        return Loaded(program.module(), fmt, input_shape=shape)
+        module = program.module()
+        # an exported program is fixed in the mode it was exported in; train()/eval() raise on it
+        module.train = types.MethodType(lambda self, mode=True: self, module)
+        module.eval = types.MethodType(lambda self: self, module)
+        return Loaded(module, fmt, input_shape=shape)
     if unsafe_pickle:
         obj = torch.load(p, map_location="cpu", weights_only=False)
         if isinstance(obj, nn.Module):

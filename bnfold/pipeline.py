@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class PipelineResult:
     output: str | None = None
     verify: dict[str, Any] | None = None
     bench: dict[str, Any] | None = None
+    bn_left_in_output: int | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -57,6 +59,7 @@ class PipelineResult:
             "output": self.output,
             "verify": self.verify,
             "bench": self.bench,
+            "bn_left_in_output": self.bn_left_in_output,
             "notes": list(self.notes),
         }
 
@@ -81,19 +84,48 @@ def _check_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None) -> 
         raise BnfoldError(f"the model rejects input shape {shapes}: {first}") from None
 
 
+def _check_statistics(model: nn.Module | onnx.ModelProto, source: str) -> None:
+    """Refuse statistics no BN can have (a damaged or mis-converted checkpoint), naming the BN."""
+    if isinstance(model, onnx.ModelProto):
+        from onnx import numpy_helper
+
+        values = {t.name: t for t in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "BatchNormalization" and len(node.input) == 5 and node.input[4] in values:
+                var = torch.from_numpy(numpy_helper.to_array(values[node.input[4]]).astype("float64"))
+                _check_var(var, f"{source}: BatchNormalization '{node.name or node.output[0]}'")
+        return
+    for name, module in model.named_modules():
+        var = getattr(module, "running_var", None)
+        mean = getattr(module, "running_mean", None)
+        if isinstance(var, torch.Tensor) and isinstance(mean, torch.Tensor):
+            _check_var(var.detach().double(), f"{source}: {name or 'the model'}")
+            if not torch.isfinite(mean).all():
+                raise BnfoldError(f"{source}: {name} has a non-finite running_mean")
+
+
+def _check_var(var: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(var).all():
+        raise BnfoldError(f"{where} has a non-finite running_var")
+    if (var < 0).any():
+        raise BnfoldError(f"{where} has a negative running_var")
+
+
 def _preserve_bn_onnx(model: nn.Module, inputs: tuple) -> onnx.ModelProto:
     """The original exported with every BN kept, so ONNX Runtime can be timed before folding."""
     buffer = io.BytesIO()
-    torch.onnx.export(
-        model,
-        inputs,
-        buffer,
-        dynamo=False,
-        training=torch.onnx.TrainingMode.PRESERVE,
-        input_names=["input"],
-        dynamic_axes={"input": {0: "batch"}},
-        do_constant_folding=False,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            inputs,
+            buffer,
+            dynamo=False,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            input_names=["input"],
+            dynamic_axes={"input": {0: "batch"}},
+            do_constant_folding=False,
+        )
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -170,6 +202,8 @@ def run_pipeline(
         )
     stage("load")
     loaded = load_detailed(path, arch, arch_kwargs, unsafe_pickle=unsafe_pickle)
+    if not isinstance(loaded.model, torch.jit.ScriptModule):
+        _check_statistics(loaded.model, str(path))
     if isinstance(loaded.model, onnx.ModelProto):
         if out is not None and out.suffix != ".onnx":
             raise BnfoldError(f"{out}: an ONNX input is written as .onnx")
@@ -179,6 +213,7 @@ def run_pipeline(
         if out is not None:
             save_onnx(folded_proto, out)
             result.output = str(out)
+            result.bn_left_in_output = _bn_nodes(folded_proto)
         if do_verify:
             stage("verify")
             result.verify = verify(loaded.model, folded_proto, input_shapes=input_shapes).to_dict()
@@ -215,6 +250,7 @@ def run_pipeline(
         ]
         exported = onnx.load(str(out))
         result.output = str(out)
+        result.bn_left_in_output = _bn_nodes(exported)
     elif out is not None:
         stage("write")
         _save_torch(out, folded, report, loaded, inputs)
@@ -246,6 +282,10 @@ def run_pipeline(
     return result
 
 
+def _bn_nodes(model: onnx.ModelProto) -> int:
+    return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+
+
 def summary_text(result: PipelineResult) -> str:
     """The final summary a person reads."""
     lines = [str(result.report)]
@@ -253,6 +293,8 @@ def summary_text(result: PipelineResult) -> str:
         lines += ["second sweep over the ONNX export:", str(result.onnx_report)]
     if result.output:
         lines.append(f"wrote {result.output}")
+    if result.bn_left_in_output is not None:
+        lines.append(f"BatchNormalization nodes in {result.output}: {result.bn_left_in_output}")
     if result.verify is not None:
         for key, check in result.verify.items():
             if key == "passed":

@@ -70,8 +70,22 @@ def test_one_command_fold_export_verify_bench(tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     torch.save(model.state_dict(), ckpt)
     out, report = tmp_path / "model.onnx", tmp_path / "out.json"
-    result = CliRunner().invoke(main, ["fold", str(ckpt), "--arch", "resnet-tiny", "-o", str(out), "--verify",
-                                       "--bench", "--report", str(report), "--json"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "fold",
+            str(ckpt),
+            "--arch",
+            "resnet-tiny",
+            "-o",
+            str(out),
+            "--verify",
+            "--bench",
+            "--report",
+            str(report),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["report"]["bn_folded"] == 6 and summary["verify"]["passed"]

@@ -73,11 +73,26 @@ def test_mnist_idx_and_npz_sources(tmp_path):
 def test_two_cpu_processes_under_torchrun(tmp_path):
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "bnfold", "train",
-           "--arch", "resnet-tiny", "--epochs", "1", "-o", str(out), "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "bnfold",
+        "train",
+        "--arch",
+        "resnet-tiny",
+        "--epochs",
+        "1",
+        "-o",
+        str(out),
+        "--json",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    metrics = json.loads(run.stdout[run.stdout.index("{"):])["metrics"]
+    metrics = json.loads(run.stdout[run.stdout.index("{") :])["metrics"]
     assert metrics["world_size"] == 2
     model = bnfold.load(out)
     folded, report = bnfold.fold(model)

@@ -50,8 +50,7 @@ def test_onnx_candidate_localised_by_node(tmp_path):
     import io
 
     buffer = io.BytesIO()
-    torch.onnx.export(model, (x,), buffer, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
-                      input_names=["x"])
+    torch.onnx.export(model, (x,), buffer, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE, input_names=["x"])
     original = onnx.load_from_string(buffer.getvalue())
     folded, _ = bnfold.fold_onnx(original)
     assert verify(original, folded).passed
@@ -100,8 +99,9 @@ def test_cli_verify_exit_codes(tmp_path):
     mismatch = runner.invoke(main, ["verify", str(tmp_path / "orig.onnx"), str(tmp_path / "bad.onnx")])
     assert mismatch.exit_code == 1 and "MISMATCH" in mismatch.output
     np.save(tmp_path / "x.npy", x.numpy())
-    own = runner.invoke(main, ["verify", str(tmp_path / "orig.onnx"), str(tmp_path / "fold.onnx"),
-                               "--inputs", str(tmp_path / "x.npy")])
+    own = runner.invoke(
+        main, ["verify", str(tmp_path / "orig.onnx"), str(tmp_path / "fold.onnx"), "--inputs", str(tmp_path / "x.npy")]
+    )
     assert own.exit_code == 0 and "1 input draw" in own.output
     usage = runner.invoke(main, ["verify", str(tmp_path / "orig.onnx"), str(tmp_path / "missing.onnx")])
     assert usage.exit_code == 2

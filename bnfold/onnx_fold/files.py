@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
 
 from bnfold.errors import BnfoldError
 
@@ -28,7 +27,7 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
         raise BnfoldError(f"{p}: no such file")
     try:
         model = onnx.load(str(p), load_external_data=True)
-    except (DecodeError, ValueError, OSError, RuntimeError) as error:
+    except Exception as error:  # noqa: BLE001 - protobuf and external-data readers fail in many ways
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise BnfoldError(f"{p}: not a readable ONNX model ({first})") from None
     if not model.graph.node and not model.graph.output:

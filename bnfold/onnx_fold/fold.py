@@ -587,10 +587,10 @@ def fold_onnx(
         BnfoldError: The model cannot be read or fails the checker before folding.
     """
     proto = load_onnx(model) if isinstance(model, str | Path) else _copy(model)
-    skeleton = _skeleton(proto)
     try:
-        onnx.checker.check_model(skeleton, full_check=False)
-    except onnx.checker.ValidationError as error:
+        skeleton = _skeleton(proto)
+        onnx.checker.check_model(skeleton, full_check=True)
+    except Exception as error:  # noqa: BLE001 - the checker raises ValidationError, InferenceError, decode errors
         first = (str(error).strip().splitlines() or ["invalid model"])[0][:200]
         raise BnfoldError(f"the ONNX model fails onnx.checker: {first}") from None
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)

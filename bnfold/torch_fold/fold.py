@@ -38,7 +38,7 @@ from bnfold.report import (
     FoldReport,
     LayerEntry,
 )
-from bnfold.torch_fold.dataflow import BATCH_NORM_FUNCTIONS, Call, DataFlow, record, trace
+from bnfold.torch_fold.dataflow import ATEN_BATCH_NORMS, BATCH_NORM_FUNCTIONS, Call, DataFlow, record, trace
 from bnfold.torch_fold.kinds import ANY_RANK, BNModule, LayerSpec, bn_module, has_hooks, layer_spec
 
 __all__ = ["fold"]
@@ -115,6 +115,17 @@ class _TorchFoldPass:
                     continue
                 seen.add(id(module))
                 sites.append(_Site(call, bn, LayerEntry(call.target, bn.kind), module))
+            elif call.op == "function" and call.target in ATEN_BATCH_NORMS:
+                name = call.fx_node.name if call.fx_node is not None else f"batch_norm#{len(sites)}"
+                refused = FoldRefused(
+                    "a torch.export graph: its layers are aten functions, not modules; write .onnx to fold it "
+                    "in the ONNX sweep"
+                )
+                sites.append(
+                    _Site(
+                        call, BNModule("aten.batch_norm", ANY_RANK, refused), LayerEntry(name, "aten.batch_norm"), None
+                    )
+                )
             elif call.op == "function" and call.target in BATCH_NORM_FUNCTIONS:
                 name = call.fx_node.name if call.fx_node is not None else f"batch_norm#{len(sites)}"
                 sites.append(_Site(call, self.functional_bn(call), LayerEntry(name, "F.batch_norm"), None))
