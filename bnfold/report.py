@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Sequence
 from typing import Any
+
+from bnfold.affine import FoldRefused
 
 __all__ = [
     "FOLDED_INTO_FOLLOWING",
@@ -13,6 +16,7 @@ __all__ = [
     "KEPT",
     "FoldReport",
     "LayerEntry",
+    "first_fold",
 ]
 
 FOLDED_INTO_PRECEDING = "folded into preceding"
@@ -118,3 +122,31 @@ class FoldReport:
         )
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(line.rstrip() for line in lines)
+
+
+# (label for the reason, action on success, attempt(notes) -> targets; raises FoldRefused)
+Attempt = tuple[str, str, Callable[[list[str]], list[str]]]
+
+
+def first_fold(entry: LayerEntry, attempts: Sequence[Attempt]) -> bool:
+    """Try the fold directions in order and record the outcome in ``entry``.
+
+    The first attempt that is not refused decides the action and targets; when
+    all are refused, their reasons are joined ("before: ...; after: ...").
+
+    Returns:
+        Whether one attempt folded the BN.
+    """
+    reasons = []
+    for label, action, attempt in attempts:
+        notes: list[str] = []
+        try:
+            targets = attempt(notes)
+        except FoldRefused as refused:
+            reasons.append(f"{label}: {refused}")
+            continue
+        entry.action, entry.targets, entry.reason = action, targets, ""
+        entry.notes.extend(notes)
+        return True
+    entry.reason = "; ".join(reasons)
+    return False

@@ -41,6 +41,7 @@ from bnfold.report import (
     KEPT,
     FoldReport,
     LayerEntry,
+    first_fold,
 )
 
 __all__ = ["fold_onnx"]
@@ -447,28 +448,15 @@ class _GraphPass:
             return False
         producer = self.index.producer.get(bn.input[0])
         is_concat = producer is not None and producer.op_type == "Concat"
+        if is_concat:
+            before = lambda notes: self.producers(bn, producer, affine, notes)  # noqa: E731
+        else:
+            before = lambda notes: self.preceding(bn, affine, notes)  # noqa: E731
         attempts = [
-            (
-                "before",
-                FOLDED_INTO_PRODUCERS if is_concat else FOLDED_INTO_PRECEDING,
-                (lambda n: self.producers(bn, producer, affine, n))
-                if is_concat
-                else (lambda n: self.preceding(bn, affine, n)),
-            ),
-            ("after", FOLDED_INTO_FOLLOWING, lambda n: self.following(bn, affine, n)),
+            ("before", FOLDED_INTO_PRODUCERS if is_concat else FOLDED_INTO_PRECEDING, before),
+            ("after", FOLDED_INTO_FOLLOWING, lambda notes: self.following(bn, affine, notes)),
         ]
-        reasons = []
-        for label, action, attempt in attempts:
-            notes: list[str] = []
-            try:
-                entry.targets = attempt(notes)
-            except FoldRefused as refused:
-                reasons.append(f"{label}: {refused}")
-                continue
-            entry.action, entry.reason, entry.notes = action, "", notes
-            return True
-        entry.reason = "; ".join(reasons)
-        return False
+        return first_fold(entry, attempts)
 
     def run(self) -> None:
         sites = [

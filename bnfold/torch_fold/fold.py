@@ -37,6 +37,7 @@ from bnfold.report import (
     KEPT,
     FoldReport,
     LayerEntry,
+    first_fold,
 )
 from bnfold.torch_fold.dataflow import ATEN_BATCH_NORMS, BATCH_NORM_FUNCTIONS, Call, DataFlow, record, trace
 from bnfold.torch_fold.kinds import ANY_RANK, BNModule, LayerSpec, bn_module, has_hooks, layer_spec
@@ -304,26 +305,15 @@ class _TorchFoldPass:
                 return False
         producer = self.flow.producer(site.call.inputs[0])
         is_cat = producer is not None and producer.op == "function" and producer.target in _CAT_FUNCTIONS
+        before = (lambda _: self.fold_producers(site, producer)) if is_cat else (lambda _: self.fold_preceding(site))
         attempts = [
-            (
-                "before",
-                FOLDED_INTO_PRODUCERS if is_cat else FOLDED_INTO_PRECEDING,
-                (lambda: self.fold_producers(site, producer)) if is_cat else (lambda: self.fold_preceding(site)),
-            ),
-            ("after", FOLDED_INTO_FOLLOWING, lambda: self.fold_following(site)),
+            ("before", FOLDED_INTO_PRODUCERS if is_cat else FOLDED_INTO_PRECEDING, before),
+            ("after", FOLDED_INTO_FOLLOWING, lambda _: self.fold_following(site)),
         ]
-        reasons = []
-        for label, action, attempt in attempts:
-            try:
-                site.entry.targets = attempt()
-            except FoldRefused as refused:
-                reasons.append(f"{label}: {refused}")
-                continue
-            site.entry.action, site.entry.reason = action, ""
-            self.remove(site)
-            return True
-        site.entry.reason = "; ".join(reasons)
-        return False
+        if not first_fold(site.entry, attempts):
+            return False
+        self.remove(site)
+        return True
 
     def remove(self, site: _Site) -> None:
         if site.module is not None:
@@ -370,7 +360,11 @@ class _TorchFoldPass:
         called = {id(s.module) for s in sites if s.module is not None}
         dead = (
             [
-                LayerEntry(name, bn.kind, reason="never called by forward")
+                LayerEntry(
+                    name,
+                    bn.kind,
+                    reason="not called by forward as a module of its own (unused, or run inside another module)",
+                )
                 for name, m in self.model.named_modules()
                 if id(m) not in called and (bn := bn_module(m)) is not None and not isinstance(m, nn.Identity)
             ]
