@@ -71,8 +71,13 @@ def test_torch_export_program_to_onnx_and_pt2(tmp_path, model):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["bn_left_in_output"] == 0 and summary["verify"]["passed"]
-    assert all("ONNX sweep" in layer["reason"] for layer in summary["report"]["layers"])
-    assert _fold(path, "-o", tmp_path / "m.pt2").exit_code == 0
+    assert summary["report"]["method"] == "torch.export" and summary["report"]["bn_folded"] == 6
+    pt2 = _fold(path, "-o", tmp_path / "m.pt2", "--verify")
+    assert pt2.exit_code == 0, pt2.output
+    program = torch.export.load(str(tmp_path / "m.pt2"))
+    assert "batch_norm" not in str(program.graph)
+    x = zoo.example_input("resnet-tiny")
+    assert torch.allclose(program.module()(x), model(x), atol=1e-5)
 
 
 def test_pickled_module_needs_the_flag(tmp_path, model):

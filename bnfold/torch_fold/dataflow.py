@@ -23,17 +23,11 @@ from torch.utils._pytree import tree_flatten
 
 from bnfold.torch_fold.kinds import is_atomic
 
-__all__ = ["ATEN_BATCH_NORMS", "BATCH_NORM_FUNCTIONS", "Call", "DataFlow", "record", "trace"]
+__all__ = ["BATCH_NORM_FUNCTIONS", "Call", "DataFlow", "record", "trace"]
 
 logger = logging.getLogger(__name__)
 
 BATCH_NORM_FUNCTIONS = (F.batch_norm, torch.batch_norm)
-# BN as torch.export writes it: its neighbours are aten functions too, so the ONNX sweep folds these.
-ATEN_BATCH_NORMS = (
-    torch.ops.aten.batch_norm.default,
-    torch.ops.aten._native_batch_norm_legit_no_training.default,
-    torch.ops.aten.cudnn_batch_norm.default,
-)
 # Reading these from a tensor does not depend on its values, so it is not a use.
 _METADATA = frozenset(
     {"size", "dim", "numel", "shape", "dtype", "device", "ndim", "is_contiguous", "__len__", "layout", "is_cuda"}

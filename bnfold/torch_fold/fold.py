@@ -39,7 +39,8 @@ from bnfold.report import (
     LayerEntry,
     first_fold,
 )
-from bnfold.torch_fold.dataflow import ATEN_BATCH_NORMS, BATCH_NORM_FUNCTIONS, Call, DataFlow, record, trace
+from bnfold.torch_fold.aten import fold_exported, has_aten_batch_norm
+from bnfold.torch_fold.dataflow import BATCH_NORM_FUNCTIONS, Call, DataFlow, record, trace
 from bnfold.torch_fold.kinds import ANY_RANK, BNModule, LayerSpec, bn_module, has_hooks, layer_spec
 
 __all__ = ["fold"]
@@ -116,17 +117,6 @@ class _TorchFoldPass:
                     continue
                 seen.add(id(module))
                 sites.append(_Site(call, bn, LayerEntry(call.target, bn.kind), module))
-            elif call.op == "function" and call.target in ATEN_BATCH_NORMS:
-                name = call.fx_node.name if call.fx_node is not None else f"batch_norm#{len(sites)}"
-                refused = FoldRefused(
-                    "a torch.export graph: its layers are aten functions, not modules; write .onnx to fold it "
-                    "in the ONNX sweep"
-                )
-                sites.append(
-                    _Site(
-                        call, BNModule("aten.batch_norm", ANY_RANK, refused), LayerEntry(name, "aten.batch_norm"), None
-                    )
-                )
             elif call.op == "function" and call.target in BATCH_NORM_FUNCTIONS:
                 name = call.fx_node.name if call.fx_node is not None else f"batch_norm#{len(sites)}"
                 sites.append(_Site(call, self.functional_bn(call), LayerEntry(name, "F.batch_norm"), None))
@@ -399,15 +389,17 @@ def fold(
     Returns:
         ``(folded, report)``: the folded model in eval mode (a
         ``torch.fx.GraphModule`` only when a functional ``batch_norm`` call was
-        removed from the traced graph; otherwise the model's own class, with
-        folded BN modules replaced by ``nn.Identity``), and one report entry
-        per BN.
+        removed from the traced graph, or for a torch.export program, folded at
+        the aten level; otherwise the model's own class, with folded BN modules
+        replaced by ``nn.Identity``), and one report entry per BN.
 
     Raises:
         BnfoldError: The model cannot be traced and no example inputs were
             given, or the example inputs are rejected by the model.
     """
     work = model if inplace else copy.deepcopy(model)
+    if has_aten_batch_norm(work):  # a torch.export program: aten functions, not modules
+        return fold_exported(work)
     work.eval()
     inputs = _as_tuple(example_inputs)
     notes: list[str] = []

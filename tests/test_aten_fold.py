@@ -1,0 +1,47 @@
+"""BN in torch.export programs: folded into the aten conv/linear before it, with the twins that must not fold."""
+
+import pytest
+import torch
+from conftest import randomized
+from test_torch_fold import Residual
+
+import bnfold
+from bnfold import zoo
+
+
+def _exported(model, x):
+    return torch.export.export(randomized(model), (x,)).module()
+
+
+@pytest.mark.parametrize("name", ["mlp-bn", "cnn-bn", "resnet-tiny", "conv1d-bn", "conv3d-bn", "deconv-groups"])
+def test_exported_zoo_models_fold(name):
+    x = zoo.example_input(name)
+    gm = _exported(zoo.build(name), x)
+    expected = gm(x)
+    folded, report = bnfold.fold(gm)
+    assert report.method == "torch.export" and report.bn_kept == 0 and report.bn_total > 0
+    assert "batch_norm" not in folded.code
+    assert torch.allclose(folded(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert "batch_norm" in gm.code  # the input program is untouched
+
+
+def test_exported_negative_cases():
+    x = zoo.example_input("mlp-bn-before")
+    _, report = bnfold.fold(_exported(zoo.build("mlp-bn-before"), x))
+    assert report.bn_kept == 2 and "not an aten conv/linear" in report.layers[0].reason
+    x = torch.randn(2, 4, 6, 6)
+    gm = _exported(Residual(), x)
+    expected = gm(x)
+    folded, report = bnfold.fold(gm)
+    assert report.bn_kept == 1 and "also read elsewhere" in report.layers[0].reason
+    assert torch.allclose(folded(x), expected)
+
+
+def test_exported_linear_on_3d_input_is_refused():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5))
+    x = torch.randn(4, 5, 6)
+    gm = _exported(model, x)
+    expected = gm(x)
+    folded, report = bnfold.fold(gm)
+    assert report.bn_kept == 1 and "another axis" in report.layers[0].reason
+    assert torch.allclose(folded(x), expected)
