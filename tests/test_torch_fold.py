@@ -453,3 +453,38 @@ def test_report_dict_keys():
     assert {"bn_total", "bn_folded", "bn_kept", "layers"} <= d.keys()
     assert {"name", "action", "targets", "reason"} <= d["layers"][0].keys()
     assert "1 folded" in str(report)
+
+
+class TorchBatchNorm(nn.Module):
+    """torch.batch_norm takes (input, weight, bias, mean, var, ...): not F.batch_norm's order."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.register_buffer("mean", torch.randn(4))
+        self.register_buffer("var", torch.rand(4) + 0.5)
+        self.gamma = nn.Parameter(torch.randn(4))
+        self.beta = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return torch.batch_norm(self.conv(x), self.gamma, self.beta, self.mean, self.var, False, 0.1, 1e-3, False)
+
+
+def test_torch_batch_norm_argument_order():
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(TorchBatchNorm(), x)
+    assert report.bn_folded == 1
+    assert_equivalent(model, folded, x)
+
+
+class KeywordBatchNorm(Functional):
+    def forward(self, x):
+        return F.batch_norm(input=self.conv(x), running_mean=self.mean, running_var=self.var, weight=self.gamma,
+                            training=False, eps=1e-3)
+
+
+def test_functional_batch_norm_called_with_keywords():
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(KeywordBatchNorm(), x)
+    assert report.bn_folded == 1
+    assert_equivalent(model, folded, x)

@@ -48,6 +48,11 @@ __all__ = ["fold"]
 logger = logging.getLogger(__name__)
 
 _CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
+# Positional parameters of each functional batch_norm: torch.batch_norm orders them differently.
+_BATCH_NORM_ARGS = {
+    BATCH_NORM_FUNCTIONS[0]: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+    BATCH_NORM_FUNCTIONS[1]: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"),
+}
 _RECORDED_NOTE = (
     "torch.fx could not trace the model ({error}); the data flow was recorded from one run on the example "
     "inputs, so branches that run did not take were not seen"
@@ -62,6 +67,7 @@ class _Site:
     bn: BNModule
     entry: LayerEntry
     module: nn.Module | None  # None for a functional batch_norm
+    input: int  # the value BN normalises
 
 
 @dataclasses.dataclass
@@ -116,20 +122,27 @@ class _TorchFoldPass:
                 if bn is None or id(module) in seen:
                     continue
                 seen.add(id(module))
-                sites.append(_Site(call, bn, LayerEntry(call.target, bn.kind), module))
+                sites.append(_Site(call, bn, LayerEntry(call.target, bn.kind), module, call.inputs[0]))
             elif call.op == "function" and call.target in BATCH_NORM_FUNCTIONS:
                 name = call.fx_node.name if call.fx_node is not None else f"batch_norm#{len(sites)}"
-                sites.append(_Site(call, self.functional_bn(call), LayerEntry(name, "F.batch_norm"), None))
+                bound = dict(zip(_BATCH_NORM_ARGS[call.target], call.args, strict=False)) | call.kwargs
+                source = bound.get("input")
+                value = id(source) if call.fx_node is not None else call.inputs[0]
+                if call.fx_node is not None and not isinstance(source, fx.Node):
+                    continue
+                site = _Site(call, self.functional_bn(call, bound), LayerEntry(name, "F.batch_norm"), None, value)
+                sites.append(site)
         return sites
 
-    def functional_bn(self, call: Call) -> BNModule:
-        names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-        bound = dict(zip(names, call.args, strict=False)) | call.kwargs
+    def functional_bn(self, call: Call, bound: dict[str, Any]) -> BNModule:
         if call.fx_node is None:
             refused = FoldRefused("a functional batch_norm is removed only from a traced graph")
             return BNModule("F.batch_norm", ANY_RANK, refused)
         if bound.get("training", False) is not False:
             return BNModule("F.batch_norm", ANY_RANK, FoldRefused("batch_norm is called with training=True"))
+        eps = bound.get("eps", 1e-5)
+        if not isinstance(eps, float | int):
+            return BNModule("F.batch_norm", ANY_RANK, FoldRefused("eps is computed at run time"))
         tensors = {}
         for key in ("running_mean", "running_var", "weight", "bias"):
             arg = bound.get(key)
@@ -145,7 +158,7 @@ class _TorchFoldPass:
                 tensors["running_var"],
                 tensors["weight"],
                 tensors["bias"],
-                bound.get("eps", 1e-5),
+                float(eps),
             )
         except FoldRefused as refused:
             affine = refused
@@ -216,7 +229,7 @@ class _TorchFoldPass:
             self.staged[id(item.module)] = item
 
     def fold_preceding(self, site: _Site) -> list[str]:
-        value = site.call.inputs[0]
+        value = site.input
         producer = self.flow.producer(value)
         module, spec = self.layer(producer)
         self.only_reader(value, site.call, producer.target)
@@ -227,7 +240,7 @@ class _TorchFoldPass:
         return [producer.target]
 
     def fold_producers(self, site: _Site, cat: Call) -> list[str]:
-        value = site.call.inputs[0]
+        value = site.input
         self.only_reader(value, site.call, "the concat")
         dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
         rank = self.flow.ranks.get(value)
@@ -277,7 +290,7 @@ class _TorchFoldPass:
             *self.current(module), site.bn.affine, spec.layout, spec.groups, padded=spec.zero_padded
         )
         self.commit([self.stage(module, weight, bias)])
-        self.flow.bypass(site.call, site.call.inputs[0])
+        self.flow.bypass(site.call, site.input)
         return [consumer.target]
 
     def try_fold(self, site: _Site) -> bool:
@@ -293,7 +306,7 @@ class _TorchFoldPass:
             if has_hooks(site.module):
                 site.entry.reason = "the BN module has forward hooks"
                 return False
-        producer = self.flow.producer(site.call.inputs[0])
+        producer = self.flow.producer(site.input)
         is_cat = producer is not None and producer.op == "function" and producer.target in _CAT_FUNCTIONS
         before = (lambda _: self.fold_producers(site, producer)) if is_cat else (lambda _: self.fold_preceding(site))
         attempts = [
@@ -312,7 +325,7 @@ class _TorchFoldPass:
                 _set_submodule(self.flow.graph_module, site.call.target, site.bn.tail or nn.Identity())
             return
         node = site.call.fx_node
-        node.replace_all_uses_with(node.args[0])
+        node.replace_all_uses_with(next(n for n in node.all_input_nodes if id(n) == site.input))
         self.flow.graph_module.graph.erase_node(node)
         self.graph_changed = True
 
