@@ -1,0 +1,490 @@
+"""The ONNX fold pass over one graph: BatchNormalization (and BN decomposed into Mul/Add) folded away.
+
+Each BN is *matched* against its producer (Conv, ConvTranspose, Gemm, MatMul with or
+without a bias Add, or a channel Concat of convolutions) and its single consumer
+(Conv without zero padding, Gemm, MatMul); each *check* raises
+:class:`~bnfold.affine.FoldRefused` with the reason the report shows; the *rewrite*
+uses the float64 maths of :mod:`bnfold.affine`, rounds once to the weight's dtype, and
+writes new initializers (a weight shared with another node is copied, not changed).
+Subgraphs (If/Loop/Scan bodies) are folded too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+
+from bnfold.affine import (
+    Affine,
+    FoldRefused,
+    Layout,
+    bn_affine,
+    output_channels,
+    round_to,
+    scale_input_channels,
+    scale_output_channels,
+)
+from bnfold.onnx_fold.graph import TORCH_DTYPES, GraphIndex, from_torch, to_torch64
+from bnfold.report import (
+    FOLDED_INTO_FOLLOWING,
+    FOLDED_INTO_PRECEDING,
+    FOLDED_INTO_PRODUCERS,
+    KEPT,
+    LayerEntry,
+    first_fold,
+)
+
+__all__ = ["GraphPass"]
+
+logger = logging.getLogger(__name__)
+
+_LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+_DECOMPOSED = ("Mul", "Add", "Sub", "Div")
+
+
+def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value: object) -> None:
+    for i, attr in enumerate(node.attribute):
+        if attr.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _node_id(node: onnx.NodeProto) -> str:
+    return node.name or f"{node.op_type}:{node.output[0]}"
+
+
+def _label(node: onnx.NodeProto | None) -> str:
+    if node is None:
+        return "a graph output"
+    return f"{node.op_type} '{node.name or node.output[0]}'"
+
+
+@dataclasses.dataclass
+class _Layer:
+    """A linear node whose constant weight can absorb a per-channel affine map."""
+
+    node: onnx.NodeProto
+    weight: np.ndarray
+    layout: Layout
+    groups: int
+    out_rank: int | None
+    bias: np.ndarray | None  # Conv/ConvTranspose bias, Gemm C, or the constant of MatMul's bias Add
+    add: onnx.NodeProto | None = None  # MatMul's bias Add
+    add_const_index: int = 1
+
+    @property
+    def output(self) -> str:
+        return (self.add or self.node).output[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        dtype = TORCH_DTYPES.get(helper.np_dtype_to_tensor_dtype(self.weight.dtype))
+        if dtype is None:
+            raise FoldRefused(f"{_label(self.node)} has a {self.weight.dtype} weight")
+        return dtype
+
+
+class GraphPass:
+    """Match, check and rewrite every BN of one graph."""
+
+    def __init__(self, index: GraphIndex, entries: list[LayerEntry], opset: int) -> None:
+        self.index = index
+        self.entries = entries
+        self.opset = opset
+
+    # -- match ---------------------------------------------------------------------------
+
+    def layer(self, node: onnx.NodeProto | None, *, allow_add: bool = True) -> _Layer:
+        """Describe ``node`` as a linear layer with constant weights, or refuse."""
+        if node is None:
+            raise FoldRefused("it comes from a graph input or initializer")
+        if node.domain not in ("", "ai.onnx"):
+            raise FoldRefused(f"{_label(node)} is not a standard op")
+        if allow_add and node.op_type == "Add":
+            return self.matmul_with_add(node)
+        if node.op_type not in _LINEAR:
+            raise FoldRefused(f"{_label(node)} is not a Conv, ConvTranspose, Gemm or MatMul")
+        if len(node.input) < 2:
+            raise FoldRefused(f"{_label(node)} has no weight input")
+        weight = self.index.constant(node.input[1])
+        if weight is None:
+            why = self._non_constant(node.input[1])
+            raise FoldRefused(f"the weight of {_label(node)} {why}")
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            bias = self.index.constant(node.input[2])
+            if bias is None:
+                raise FoldRefused(f"the bias of {_label(node)} {self._non_constant(node.input[2])}")
+        if node.op_type in ("Conv", "ConvTranspose"):
+            layout = Layout.CONV if node.op_type == "Conv" else Layout.CONV_TRANSPOSE
+            return _Layer(node, weight, layout, int(_attr(node, "group", 1)), weight.ndim, bias)
+        if node.op_type == "Gemm":
+            layout = Layout.CONV if _attr(node, "transB", 0) else Layout.MATMUL
+            return _Layer(node, weight, layout, 1, 2, bias)
+        if weight.ndim != 2:
+            raise FoldRefused(f"{_label(node)} has a {weight.ndim}-D weight; only 2-D MatMul weights fold")
+        if self.index.constant(node.input[0]) is not None:
+            raise FoldRefused(f"{_label(node)} multiplies constants only")
+        return _Layer(node, weight, Layout.MATMUL, 1, self.index.ranks.get(node.output[0]), None)
+
+    def matmul_with_add(self, add: onnx.NodeProto) -> _Layer:
+        """Describe MatMul followed by a constant bias Add as one layer, or refuse."""
+        for const_index in (1, 0):
+            bias = self.index.constant(add.input[const_index])
+            other = add.input[1 - const_index]
+            producer = self.index.producer.get(other)
+            if bias is None or producer is None or producer.op_type != "MatMul":
+                continue
+            if self.index.readers(other) != [add]:
+                raise FoldRefused(f"the output of {_label(producer)} is also read by another node")
+            layer = self.layer(producer, allow_add=False)
+            if bias.ndim > 1 and any(d != 1 for d in bias.shape[:-1]):
+                raise FoldRefused(f"the bias of {_label(add)} is not one value per output channel")
+            layer.add, layer.add_const_index, layer.bias = add, const_index, bias.reshape(-1)
+            layer.out_rank = self.index.ranks.get(add.output[0], layer.out_rank)
+            return layer
+        raise FoldRefused(f"{_label(add)} is not MatMul plus a constant bias")
+
+    def _non_constant(self, name: str) -> str:
+        """Describe ``node`` as a linear layer with constant weights, or refuse."""
+        if name in self.index.overridable:
+            return (
+                f"'{name}' is an initializer also listed as a graph input, so it can be overridden at run time "
+                "(pass --allow-initializer-inputs to treat such initializers as constants)"
+            )
+        producer = self.index.producer.get(name)
+        return f"is not a constant (it is computed by {_label(producer)})" if producer else "is not a constant"
+
+    def bn_affine(self, node: onnx.NodeProto) -> Affine:
+        """The inference map of a BatchNormalization node, or the reason it has none."""
+        if any(o for o in node.output[1:]):
+            raise FoldRefused("its optional outputs (running statistics) are used")
+        if _attr(node, "training_mode", 0):
+            raise FoldRefused("training_mode=1: it normalises with batch statistics")
+        if _attr(node, "spatial", 1) == 0:
+            raise FoldRefused("spatial=0: it normalises every activation separately")
+        if len(node.input) != 5:
+            raise FoldRefused("it does not have the five inputs of BatchNormalization")
+        params = []
+        for label, name in zip(("scale", "B", "mean", "var"), node.input[1:], strict=True):
+            value = self.index.constant(name)
+            if value is None:
+                raise FoldRefused(f"its {label} {self._non_constant(name)}")
+            params.append(to_torch64(value).reshape(-1))
+        scale, bias, mean, var = params
+        channels = mean.numel()
+        if any(p.numel() != channels for p in params):
+            raise FoldRefused("its scale, B, mean and var have different lengths")
+        return bn_affine(mean, var, scale, bias, float(_attr(node, "epsilon", 1e-5)))
+
+    # -- rewrite helpers -----------------------------------------------------------------
+
+    def new_initializer(self, tensor: torch.Tensor, base: str) -> str:
+        """Add a rounded tensor as a fresh initializer; return its name."""
+        name = self.index.fresh(f"{base}_bnfold")
+        proto = from_torch(tensor, name)
+        self.index.graph.initializer.append(proto)
+        self.index.constants[name] = numpy_helper.to_array(proto)
+        return name
+
+    def round(self, value: torch.Tensor, layer: _Layer) -> torch.Tensor:
+        """Round a float64 result once to the layer's weight dtype (refusing overflow)."""
+        rounded, _flushed = round_to(value, layer.dtype)
+        return rounded
+
+    def write_weight(self, layer: _Layer, weight: torch.Tensor, notes: list[str]) -> None:
+        """Point the layer at its folded weight (a copy when the old one is shared)."""
+        old = layer.node.input[1]
+        if len(self.index.readers(old)) > 1:
+            notes.append(f"weight '{old}' is shared with another node: folded into a copy")
+        layer.node.input[1] = self.new_initializer(weight, old)
+
+    def write_bias(self, layer: _Layer, bias: torch.Tensor) -> None:
+        """Point the layer at its folded bias: Conv/Gemm input, MatMul's Add, or a new Add."""
+        node = layer.node
+        if layer.add is not None:
+            old = layer.add.input[layer.add_const_index]
+            layer.add.input[layer.add_const_index] = self.new_initializer(bias, old)
+            return
+        if node.op_type == "MatMul":
+            if not bias.any():
+                return
+            out = node.output[0]
+            node.output[0] = self.index.fresh(f"{out}_matmul")
+            name = self.new_initializer(bias, f"{node.name or out}_bias")
+            add = helper.make_node("Add", [node.output[0], name], [out], name=self.index.fresh(f"{node.name}_bias_add"))
+            position = list(self.index.graph.node).index(node) + 1
+            self.index.graph.node.insert(position, add)
+            return
+        name = self.new_initializer(
+            bias, (node.input[2] if len(node.input) > 2 and node.input[2] else node.name) or "bias"
+        )
+        if node.op_type == "Gemm":
+            _set_attr(node, "beta", 1.0)
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = name
+
+    def check_weight_dtype_matches(self, layer: _Layer) -> None:
+        """Refuse a layer whose weight and bias differ in dtype."""
+        if layer.bias is not None and np.asarray(layer.bias).dtype != layer.weight.dtype:
+            raise FoldRefused(f"{_label(layer.node)} has weight and bias of different dtypes")
+
+    def fold_into(self, layer: _Layer, affine: Affine, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's weight and bias with ``affine`` applied to its output, rounded."""
+        self.check_weight_dtype_matches(layer)
+        w = to_torch64(layer.weight)
+        if layer.node.op_type == "Gemm":
+            weight, _ = scale_output_channels(w, None, affine, layer.layout)
+            beta = float(_attr(layer.node, "beta", 1.0))
+            c = (
+                to_torch64(layer.bias) * beta
+                if layer.bias is not None
+                else torch.zeros(affine.channels, dtype=torch.float64)
+            )
+            bias = affine.apply_last_axis(c)
+        else:
+            b = to_torch64(layer.bias) if layer.bias is not None else None
+            weight, bias = scale_output_channels(w, b, affine, layer.layout, layer.groups)
+        return self.round(weight, layer), self.round(bias, layer)
+
+    # -- the three directions ------------------------------------------------------------
+
+    def only_reader(self, value: str, reader: onnx.NodeProto, what: str) -> None:
+        """Refuse unless ``reader`` is the only reader of ``value`` (graph outputs count)."""
+        readers = self.index.readers(value)
+        if readers != [reader]:
+            other = next((r for r in readers if r is not reader), reader)
+            raise FoldRefused(f"the output of {what} is also read by {_label(other)}")
+
+    def check_channel_axis(self, layer: _Layer) -> None:
+        """Refuse a MatMul whose output channels are not on axis 1 (needs its rank)."""
+        if layer.node.op_type != "MatMul":
+            return  # Conv/ConvTranspose/Gemm outputs always carry channels on axis 1
+        if layer.out_rank is None:
+            raise FoldRefused(f"the rank of {_label(layer.node)}'s output is unknown, so its channel axis is unproven")
+        if layer.out_rank != 2:
+            raise FoldRefused(
+                f"{_label(layer.node)} writes channels on axis {layer.out_rank - 1} of a {layer.out_rank}-D "
+                "tensor but BN normalises axis 1"
+            )
+
+    def preceding(self, bn: onnx.NodeProto, affine: Affine, notes: list[str]) -> list[str]:
+        """Fold BN into the layer that produces its input."""
+        x = bn.input[0]
+        layer = self.layer(self.index.producer.get(x))
+        self.only_reader(x, bn, _label(layer.add or layer.node))
+        self.check_channel_axis(layer)
+        weight, bias = self.fold_into(layer, affine, notes)
+        target = _node_id(layer.node)
+        (layer.add or layer.node).output[0] = bn.output[0]
+        self.write_weight(layer, weight, notes)
+        self.write_bias(layer, bias)
+        self.remove(bn)
+        return [target]
+
+    def producers(self, bn: onnx.NodeProto, concat: onnx.NodeProto, affine: Affine, notes: list[str]) -> list[str]:
+        """Fold BN after a channel Concat into each Conv/ConvTranspose producer's slice."""
+        x = bn.input[0]
+        self.only_reader(x, bn, _label(concat))
+        axis = int(_attr(concat, "axis", 0))
+        layers = []
+        for value in concat.input:
+            layer = self.layer(self.index.producer.get(value), allow_add=False)
+            if layer.node.op_type not in ("Conv", "ConvTranspose"):
+                raise FoldRefused(f"{_label(layer.node)} feeds the Concat; only Conv/ConvTranspose inputs fold")
+            if list(concat.input).count(value) != 1:
+                raise FoldRefused(f"{_label(layer.node)} feeds the Concat twice")
+            self.only_reader(value, concat, _label(layer.node))
+            layers.append(layer)
+        rank = layers[0].out_rank
+        if axis < 0:
+            axis += rank
+        if axis != 1:
+            raise FoldRefused(f"the Concat joins axis {axis}, not the channel axis 1")
+        staged, start = [], 0
+        for layer in layers:
+            stop = start + output_channels(to_torch64(layer.weight), layer.layout, layer.groups)
+            if stop > affine.channels:
+                raise FoldRefused("the Concat has more channels than BN")
+            staged.append((layer, *self.fold_into(layer, affine.slice(start, stop), notes)))
+            start = stop
+        if start != affine.channels:
+            raise FoldRefused(f"the Concat has {start} channels but BN has {affine.channels}")
+        targets = [_node_id(layer.node) for layer in layers]
+        for layer, weight, bias in staged:
+            self.write_weight(layer, weight, notes)
+            self.write_bias(layer, bias)
+        concat.output[0] = bn.output[0]
+        self.remove(bn)
+        return targets
+
+    def following(self, bn: onnx.NodeProto, affine: Affine, notes: list[str]) -> list[str]:
+        """Fold BN into the single layer that reads its output."""
+        y = bn.output[0]
+        readers = self.index.readers(y)
+        if len(readers) != 1 or readers[0] is None:
+            raise FoldRefused(f"its output is read by {len(readers)} consumers" if readers else "its output is unused")
+        layer = self.layer(readers[0], allow_add=False)
+        node = layer.node
+        if node.input[0] != y or list(node.input).count(y) != 1:
+            raise FoldRefused(f"{_label(node)} reads BN's output as more than its data input")
+        if node.op_type == "Gemm" and _attr(node, "transA", 0):
+            raise FoldRefused(f"{_label(node)} transposes its input (transA=1), so it reads BN channels as rows")
+        if node.op_type == "MatMul" and self.index.ranks.get(y) != 2:
+            rank = self.index.ranks.get(y)
+            raise FoldRefused(
+                f"BN's output is {rank}-D, so {_label(node)} does not read its channels"
+                if rank
+                else f"the rank of BN's output is unknown, so the channel axis {_label(node)} reads is unproven"
+            )
+        self.check_weight_dtype_matches(layer)
+        w = to_torch64(layer.weight)
+        padded = node.op_type == "Conv" and self.zero_padded(node, layer.weight)
+        if node.op_type in ("Gemm", "MatMul"):
+            weight, contribution = scale_input_channels(w, None, affine, layer.layout)
+            alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+            beta = float(_attr(node, "beta", 1.0))
+            base = to_torch64(layer.bias) * beta if layer.bias is not None else torch.zeros((), dtype=torch.float64)
+            bias = base + alpha * contribution
+        else:
+            b = to_torch64(layer.bias) if layer.bias is not None else None
+            weight, bias = scale_input_channels(w, b, affine, layer.layout, layer.groups, padded=padded)
+        weight, bias = self.round(weight, layer), self.round(bias, layer)
+        target = _node_id(node)
+        self.write_weight(layer, weight, notes)
+        if layer.bias is not None or bias.any():
+            self.write_bias(layer, bias)
+        node.input[0] = bn.input[0]
+        self.remove(bn)
+        return [target]
+
+    @staticmethod
+    def zero_padded(node: onnx.NodeProto, weight: np.ndarray) -> bool:
+        """Whether a Conv pads its input with zeros (explicit pads or SAME auto-padding)."""
+        auto_pad = _attr(node, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            dilations = _attr(node, "dilations", [1] * (weight.ndim - 2))
+            return any(d * (k - 1) > 0 for d, k in zip(dilations, weight.shape[2:], strict=False))
+        return any(p != 0 for p in _attr(node, "pads", []) or [])
+
+    def remove(self, node: onnx.NodeProto) -> None:
+        """Drop a node and re-index."""
+        self.index.graph.node.remove(node)
+        self.index.refresh()
+
+    # -- decomposed BN -------------------------------------------------------------------
+
+    def decomposed_affine(self, node: onnx.NodeProto, layer: _Layer, value_index: int, const: np.ndarray) -> Affine:
+        """A per-channel constant Mul/Add/Sub/Div as an affine map, or refuse."""
+        rank = layer.out_rank
+        if rank is None:
+            raise FoldRefused("unknown output rank")
+        channels = output_channels(to_torch64(layer.weight), layer.layout, layer.groups)
+        if const.ndim > rank:
+            raise FoldRefused("constant has more axes than the tensor")
+        shape = (1,) * (rank - const.ndim) + tuple(const.shape)
+        if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+            raise FoldRefused("constant is not one value per channel")
+        c = to_torch64(const).reshape(-1).expand(channels).clone()
+        one, zero = torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
+        if node.op_type == "Mul":
+            return Affine(c, zero)
+        if node.op_type == "Add":
+            return Affine(one, c)
+        if value_index != 0:
+            raise FoldRefused("the tensor is the second operand")
+        return Affine(one, -c) if node.op_type == "Sub" else Affine(1.0 / c, zero)
+
+    def fold_decomposed(self, node: onnx.NodeProto) -> bool:
+        """Fold a per-channel constant Mul/Add/Sub/Div into the layer before it, if exact."""
+        if node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            return False
+        for const_index in (1, 0):
+            const = self.index.constant(node.input[const_index])
+            value = node.input[1 - const_index]
+            producer = self.index.producer.get(value)
+            if const is None or producer is None or producer.op_type not in _LINEAR:
+                continue
+            if node.op_type == "Add" and producer.op_type == "MatMul":
+                return False  # MatMul + bias Add is already the folded form
+            try:
+                layer = self.layer(producer, allow_add=False)
+                self.only_reader(value, node, _label(producer))
+                self.check_channel_axis(layer)
+                if const.dtype != layer.weight.dtype:
+                    raise FoldRefused("constant and weight dtypes differ")
+                affine = self.decomposed_affine(node, layer, 1 - const_index, const)
+                notes: list[str] = []
+                weight, bias = self.fold_into(layer, affine, notes)
+            except FoldRefused:
+                return False
+            target, name = _node_id(producer), _node_id(node)
+            layer.node.output[0] = node.output[0]
+            self.write_weight(layer, weight, notes)
+            self.write_bias(layer, bias)
+            self.remove(node)
+            self.entries.append(
+                LayerEntry(
+                    name,
+                    f"{node.op_type} (decomposed BN)",
+                    FOLDED_INTO_PRECEDING,
+                    [target],
+                    notes=notes,
+                )
+            )
+            return True
+        return False
+
+    # -- driver --------------------------------------------------------------------------
+
+    def try_fold(self, bn: onnx.NodeProto, entry: LayerEntry) -> bool:
+        """Check one BN and fold it in the first direction that is not refused."""
+        try:
+            affine = self.bn_affine(bn)
+        except FoldRefused as refused:
+            entry.reason = str(refused)
+            return False
+        producer = self.index.producer.get(bn.input[0])
+        is_concat = producer is not None and producer.op_type == "Concat"
+        if is_concat:
+            before = lambda notes: self.producers(bn, producer, affine, notes)  # noqa: E731
+        else:
+            before = lambda notes: self.preceding(bn, affine, notes)  # noqa: E731
+        attempts = [
+            ("before", FOLDED_INTO_PRODUCERS if is_concat else FOLDED_INTO_PRECEDING, before),
+            ("after", FOLDED_INTO_FOLLOWING, lambda notes: self.following(bn, affine, notes)),
+        ]
+        return first_fold(entry, attempts)
+
+    def run(self) -> None:
+        """Fold every BN of the graph, and decomposed BN, until nothing changes."""
+        sites = [
+            (node, LayerEntry(_node_id(node), "BatchNormalization"))
+            for node in self.index.graph.node
+            if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+        ]
+        changed = True
+        while changed:
+            changed = False
+            for bn, entry in sites:
+                if entry.action == KEPT and self.try_fold(bn, entry):
+                    changed = True
+            for node in list(self.index.graph.node):
+                if node.op_type in _DECOMPOSED and self.fold_decomposed(node):
+                    changed = True
+        self.entries.extend(entry for _, entry in sites)
