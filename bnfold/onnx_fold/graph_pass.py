@@ -159,7 +159,6 @@ class GraphPass:
         raise FoldRefused(f"{_label(add)} is not MatMul plus a constant bias")
 
     def _non_constant(self, name: str) -> str:
-        """Describe ``node`` as a linear layer with constant weights, or refuse."""
         if name in self.index.overridable:
             return (
                 f"'{name}' is an initializer also listed as a graph input, so it can be overridden at run time "
