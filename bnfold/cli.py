@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +77,6 @@ _shape_option = click.option(
     "--input-shape", "input_shapes", multiple=True, help="Input shape such as 1,3,224,224; repeat for more inputs."
 )
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-
-
 _allow_option = click.option(
     "--allow-initializer-inputs",
     is_flag=True,
@@ -94,7 +93,7 @@ def _shapes(texts: tuple[str, ...]) -> list[tuple[int, ...]] | None:
     return [parse_shape(t) for t in texts] or None
 
 
-def _stage(quiet: bool, as_json: bool):  # noqa: ANN202
+def _stage(quiet: bool) -> Callable[[str], None]:
     def report(message: str) -> None:
         if not quiet:
             click.echo(f"bnfold: {message}...", err=True)
@@ -155,7 +154,7 @@ def fold(
         do_verify=do_verify,
         do_bench=do_bench,
         simplify=simplify,
-        stage=_stage(quiet, as_json),
+        stage=_stage(quiet),
     )
     if report_path:
         atomic_write(report_path, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n"))
