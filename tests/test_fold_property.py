@@ -40,7 +40,7 @@ def _build(blocks, channels, groups_choice):
     return nn.Sequential(*layers)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     blocks=st.lists(st.sampled_from(BLOCKS), min_size=1, max_size=6),
     channels=st.lists(st.sampled_from([2, 4, 6, 8]), min_size=1, max_size=3),

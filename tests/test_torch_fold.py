@@ -479,8 +479,14 @@ def test_torch_batch_norm_argument_order():
 
 class KeywordBatchNorm(Functional):
     def forward(self, x):
-        return F.batch_norm(input=self.conv(x), running_mean=self.mean, running_var=self.var, weight=self.gamma,
-                            training=False, eps=1e-3)
+        return F.batch_norm(
+            input=self.conv(x),
+            running_mean=self.mean,
+            running_var=self.var,
+            weight=self.gamma,
+            training=False,
+            eps=1e-3,
+        )
 
 
 def test_functional_batch_norm_called_with_keywords():
