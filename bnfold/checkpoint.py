@@ -24,7 +24,6 @@ __all__ = [
     "TRAINED_FORMAT",
     "build_arch",
     "load_folded",
-    "load_state_dict",
     "save_folded",
     "state_dict_from",
 ]
@@ -71,17 +70,8 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
         raise BnfoldError(f"{p}: not a readable PyTorch checkpoint ({first})") from None
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a state_dict, also nested under ``state_dict``/``model`` keys, without a DDP ``module.`` prefix.
-
-    Raises:
-        BnfoldError: The file holds no state_dict.
-    """
-    return state_dict_from(read_checkpoint(path), path)
-
-
 def state_dict_from(obj: Any, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state_dict inside a loaded checkpoint object (see :func:`load_state_dict`).
+    """The state_dict in a loaded checkpoint: also nested under ``state_dict``/``model``, without DDP's ``module.``.
 
     Raises:
         BnfoldError: The object holds no state_dict.
