@@ -289,8 +289,12 @@ def _bn_nodes(model: onnx.ModelProto) -> int:
 def summary_text(result: PipelineResult) -> str:
     """The final summary a person reads."""
     lines = [str(result.report)]
-    if result.onnx_report is not None and result.onnx_report.bn_total:
-        lines += ["second sweep over the ONNX export:", str(result.onnx_report)]
+    if result.onnx_report is not None:
+        sweep = result.onnx_report
+        if sweep.bn_total:
+            lines += ["second sweep over the ONNX export:", str(sweep)]
+        else:
+            lines.append("second sweep over the ONNX export: no BatchNormalization left by the exporter")
     if result.output:
         lines.append(f"wrote {result.output}")
     if result.bn_left_in_output is not None:
