@@ -494,3 +494,69 @@ def test_functional_batch_norm_called_with_keywords():
     model, folded, report = _fold(KeywordBatchNorm(), x)
     assert report.bn_folded == 1
     assert_equivalent(model, folded, x)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: depthwise conv (groups == channels) and a residual around conv-BN pairs."""
+
+    def __init__(self, c=4, e=3):
+        super().__init__()
+        h = c * e
+        self.body = nn.Sequential(
+            nn.Conv2d(c, h, 1, bias=False),
+            nn.BatchNorm2d(h),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False),
+            nn.BatchNorm2d(h),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(h, c, 1, bias=False),
+            nn.BatchNorm2d(c),
+        )
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class DenseLayer(nn.Module):
+    """DenseNet's pre-activation: BN -> ReLU -> Conv cannot fold; BN after a concat with the input -> 1x1 can."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2, self.conv2 = nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv1(F.relu(self.bn1(x)))
+        return self.conv2(self.bn2(torch.cat([x, y], 1)))
+
+
+def test_mobilenet_and_densenet_blocks():
+    x = torch.randn(2, 4, 6, 6)
+    model, folded, report = _fold(nn.Sequential(InvertedResidual(), InvertedResidual()), x)
+    assert report.bn_folded == 6
+    assert_equivalent(model, folded, x)
+    model, folded, report = _fold(DenseLayer(), x)
+    assert report.entry("bn2").action == "folded into following"
+    assert report.entry("bn1").action == "kept" and "relu" in report.entry("bn1").reason
+    assert_equivalent(model, folded, x)
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm"])
+def test_normalised_weights_are_not_targets(wrap):
+    conv = nn.Conv2d(3, 4, 3)
+    conv = nn.utils.parametrizations.weight_norm(conv) if wrap == "weight_norm" else nn.utils.spectral_norm(conv)
+    x = torch.randn(2, 3, 6, 6)
+    model, folded, report = _fold(nn.Sequential(conv, nn.BatchNorm2d(4)), x)
+    assert report.bn_kept == 1 and "hooks or parametrizations" in report.layers[0].reason
+    assert_equivalent(model, folded, x)
+
+
+def test_instance_norm_is_not_a_batch_norm_and_channels_last_folds():
+    x = torch.randn(2, 3, 6, 6)
+    norm = nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+    _, _, report = _fold(nn.Sequential(nn.Conv2d(3, 4, 3), norm), x)
+    assert report.bn_total == 0
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).to(memory_format=torch.channels_last)
+    model, folded, report = _fold(model, x.to(memory_format=torch.channels_last))
+    assert report.bn_folded == 1
+    assert_equivalent(model, folded, x)

@@ -149,7 +149,8 @@ def trace(model: nn.Module, example_inputs: tuple | None) -> DataFlow:
     graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph)
     if example_inputs is not None:
-        ShapeProp(gm).propagate(*example_inputs)
+        with torch.no_grad():  # a forward with grad leaves non-leaf tensors behind (spectral_norm's weight)
+            ShapeProp(gm).propagate(*example_inputs)
     modules = dict(model.named_modules())
     tensors = {name: t for name, t in list(model.named_parameters()) + list(model.named_buffers())}
     calls: list[Call] = []

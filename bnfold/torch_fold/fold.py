@@ -410,7 +410,14 @@ def fold(
         BnfoldError: The model cannot be traced and no example inputs were
             given, or the example inputs are rejected by the model.
     """
-    work = model if inplace else copy.deepcopy(model)
+    try:
+        work = model if inplace else copy.deepcopy(model)
+    except RuntimeError as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise BnfoldError(
+            f"cannot copy {type(model).__name__} ({first}); run its last forward under torch.no_grad(), "
+            "or pass inplace=True"
+        ) from None
     if has_aten_batch_norm(work):  # a torch.export program: aten functions, not modules
         return fold_exported(work)
     work.eval()
