@@ -41,3 +41,27 @@ def test_exported_zoo_model_folds_every_bn(name):
     own = np.abs(run_ort(model, {"x": x})[0] - truth).max()
     err = np.abs(run_ort(folded, {"x": x})[0] - truth).max()
     assert err <= max(2e-5 * np.abs(truth).max(), 3 * own)
+
+
+@pytest.mark.parametrize("name", list(zoo.ZOO))
+def test_dynamo_export_without_its_optimiser_folds_every_bn(name):
+    """The dynamo exporter writes bias-free convs with a bias computed by Shape/CastLike/Expand chains."""
+    import logging
+    import warnings
+
+    model = zoo.randomize_batchnorm(zoo.build(name), seed=6).eval()
+    x = zoo.example_input(name, batch=3)
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proto = torch.onnx.export(model, (x,), dynamo=True, optimize=False).model_proto
+    finally:
+        logging.disable(logging.NOTSET)
+    folded, report = fold_onnx(proto)
+    assert report.bn_kept == 0 and report.bn_folded > 0, str(report)
+    onnx.checker.check_model(folded, full_check=True)
+    name_in = folded.graph.input[0].name
+    truth = reference_float64(proto, {name_in: x.numpy()})[0]
+    err = np.abs(run_ort(folded, {name_in: x.numpy()})[0] - truth).max()
+    assert err <= 2e-5 * np.abs(truth).max()
