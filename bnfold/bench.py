@@ -53,6 +53,7 @@ class BenchResult:
     threads: int
     file_mb: float | None
     device: str
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form; latencies in milliseconds."""
@@ -62,6 +63,7 @@ class BenchResult:
             "file_mb": self.file_mb,
             "device": self.device,
             "rows": [dataclasses.asdict(r) for r in self.rows],
+            "notes": list(self.notes),
         }
 
     def __str__(self) -> str:
@@ -77,6 +79,7 @@ class BenchResult:
                 f"{r.runtime:<12} {r.batch_size:>5} {r.p50:>9.3f} {r.p90:>9.3f} {r.p99:>9.3f} {r.mean:>9.3f} "
                 f"{r.throughput:>10.1f} {r.session_ms:>10.1f}"
             )
+        lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
 
@@ -209,10 +212,13 @@ def benchmark(
         file_mb = model.ByteSize() / 2**20
     runtimes = tuple(runtimes or (("torch-cpu",) if is_module else ("ort-cpu", "ort-cpu-opt")))
     allowed = TORCH_RUNTIMES if is_module else ONNX_RUNTIMES
+    kind = "a torch module" if is_module else "an ONNX model"
+    skipped = [r for r in runtimes if r not in allowed]
+    runtimes = tuple(r for r in runtimes if r in allowed)
+    if not runtimes:
+        raise BnfoldError(f"runtime {', '.join(skipped)} cannot run {kind}; choose from {', '.join(allowed)}")
     for runtime in runtimes:
         check_available(runtime)
-        if runtime not in allowed:
-            raise BnfoldError(f"runtime {runtime} cannot run {'a torch module' if is_module else 'an ONNX model'}")
     if is_module and input_shape is None:
         raise BnfoldError("benchmarking a torch module needs an input shape (--input-shape)")
     if iterations < 1 or warmup < 0 or any(b < 1 for b in batch_sizes):
@@ -228,7 +234,8 @@ def benchmark(
             shape = (batch, *input_shape[1:]) if input_shape else _onnx_shape(model, batch)
             rows.append(_time_ort(model, shape, runtime, warmup, iterations))
     device = torch.cuda.get_device_name(0) if any("cuda" in r or "tensorrt" in r for r in runtimes) else "CPU"
-    return BenchResult(label, rows, torch.get_num_threads(), file_mb, device)
+    notes = [f"{r} skipped: it cannot run {kind} (bench the checkpoint for torch, the .onnx for ORT)" for r in skipped]
+    return BenchResult(label, rows, torch.get_num_threads(), file_mb, device, notes)
 
 
 def compare(original: BenchResult, folded: BenchResult, chart: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -56,6 +56,15 @@ def test_benchmark_onnx_both_ort_levels(tmp_path):
     assert {r.runtime for r in result.rows} == {"ort-cpu", "ort-cpu-opt"} and result.file_mb > 0
 
 
+def test_benchmark_skips_runtimes_that_cannot_run_the_model(tmp_path):
+    model = randomized(zoo.build("cnn-bn"))
+    export_onnx(model, zoo.example_input("cnn-bn"), tmp_path / "m.onnx")
+    result = benchmark(str(tmp_path / "m.onnx"), runtimes=("ort-cpu", "torch-cpu"), iterations=2, progress=False)
+    assert [r.runtime for r in result.rows] == ["ort-cpu"] and "torch-cpu skipped" in result.notes[0]
+    with pytest.raises(BnfoldError, match="cannot run an ONNX model"):
+        benchmark(str(tmp_path / "m.onnx"), runtimes=("torch-cpu",))
+
+
 def test_benchmark_errors():
     model = randomized(zoo.build("cnn-bn"))
     with pytest.raises(BnfoldError, match="input shape"):
