@@ -72,7 +72,7 @@ def _inputs(loaded: Loaded, shapes: list[tuple[int, ...]] | None) -> tuple[torch
     return tuple(torch.randn(s, generator=generator) for s in shapes)
 
 
-def _check_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None) -> None:
+def _check_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None, source: str) -> None:
     if inputs is None:
         return
     try:
@@ -81,7 +81,7 @@ def _check_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None) -> 
     except Exception as error:  # noqa: BLE001 - the model decides what it accepts
         shapes = ", ".join(",".join(str(d) for d in x.shape) for x in inputs)
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-        raise BnfoldError(f"the model rejects input shape {shapes}: {first}") from None
+        raise BnfoldError(f"{source}: the model rejects input shape {shapes}: {first}") from None
 
 
 def _check_statistics(model: nn.Module | onnx.ModelProto, source: str) -> None:
@@ -208,7 +208,10 @@ def run_pipeline(
         if out is not None and out.suffix != ".onnx":
             raise BnfoldError(f"{out}: an ONNX input is written as .onnx")
         stage("fold (ONNX pass)")
-        folded_proto, report = fold_onnx(loaded.model, allow_initializer_inputs=allow_initializer_inputs)
+        try:
+            folded_proto, report = fold_onnx(loaded.model, allow_initializer_inputs=allow_initializer_inputs)
+        except BnfoldError as error:
+            raise BnfoldError(f"{path}: {error}") from None
         result = PipelineResult(loaded.format, report)
         if out is not None:
             save_onnx(folded_proto, out)
@@ -230,7 +233,7 @@ def run_pipeline(
         return result
     model = loaded.model
     inputs = _inputs(loaded, input_shapes)
-    _check_inputs(model, inputs)
+    _check_inputs(model, inputs, str(path))
     stage("fold (PyTorch pass)")
     if isinstance(model, torch.jit.ScriptModule):
         folded, report = fold_torchscript(model)

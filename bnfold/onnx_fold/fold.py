@@ -129,8 +129,8 @@ def fold_onnx(
         skeleton = _skeleton(proto)
         onnx.checker.check_model(skeleton, full_check=True)
     except Exception as error:  # noqa: BLE001 - the checker raises ValidationError, InferenceError, decode errors
-        first = (str(error).strip().splitlines() or ["invalid model"])[0][:200]
-        raise BnfoldError(f"the ONNX model fails onnx.checker: {first}") from None
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or ["invalid model"]
+        raise BnfoldError(f"the ONNX model fails onnx.checker: {' '.join(lines[:3])[:240]}") from None
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     ranks: dict[str, int] = {}
     dtypes: dict[str, int] = {}
