@@ -483,3 +483,14 @@ def test_bad_files(tmp_path):
         fold_onnx(bad)
     with pytest.raises(BnfoldError, match="no such file"):
         fold_onnx(tmp_path / "missing.onnx")
+
+
+def test_channel_count_mismatch_is_refused():
+    text = """<ir_version: 8, opset_import: ["" : OPSET]>
+    g (float[2,3,5,5] x) => (float[2,4,3,3] y) {
+      c = Conv (x, W)
+      y = BatchNormalization (c, s, b, m, v)
+    }"""
+    model = _model(text, _consts(W=(4, 3, 3, 3)) + _bn_params(3), check=False)
+    with pytest.raises(BnfoldError, match="mismatch"):  # shape inference sees it: the model itself is invalid
+        fold_onnx(model)
