@@ -93,20 +93,40 @@ class DataFlow:
     ranks: dict[int, int]
     external_tensors: set[int]
     graph_module: fx.GraphModule | None = None
+    _cache: tuple[dict[int, Call], dict[int, list[Call]]] | None = dataclasses.field(default=None, repr=False)
+
+    def _index(self) -> tuple[dict[int, Call], dict[int, list[Call]]]:
+        if self._cache is None:
+            producers: dict[int, Call] = {}
+            users: dict[int, list[Call]] = collections.defaultdict(list)
+            for call in self.calls:
+                if call.output is not None:
+                    producers.setdefault(call.output, call)
+                for v in call.inputs:
+                    users[v].append(call)
+            self._cache = (producers, users)
+        return self._cache
 
     def producer(self, value: int) -> Call | None:
         """The call that wrote ``value``."""
-        return next((call for call in self.calls if call.output == value), None)
+        return self._index()[0].get(value)
 
     def users(self, value: int) -> list[Call]:
         """The calls that read ``value``, once per read."""
-        return [call for call in self.calls for v in call.inputs if v == value]
+        return list(self._index()[1].get(value, []))
 
     def bypass(self, call: Call, value: int) -> None:
         """Remove ``call``, letting its readers read ``value`` instead of its output."""
+        producers, users = self._index()
         self.calls.remove(call)
-        for other in self.calls:
-            other.inputs = [value if v == call.output else v for v in other.inputs]
+        for v in set(call.inputs):
+            users[v] = [u for u in users[v] if u is not call]
+        readers = users.pop(call.output, [])
+        for reader in dict.fromkeys(readers):  # each reader once, in order
+            reader.inputs = [value if v == call.output else v for v in reader.inputs]
+        users[value].extend(readers)
+        if producers.get(call.output) is call:
+            del producers[call.output]
 
 
 def _rank_of(node: fx.Node) -> int | None:
