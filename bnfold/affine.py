@@ -68,6 +68,10 @@ class Affine:
         """The map applied to a constant whose last axis holds the channels (e.g. a Gemm's C)."""
         return value.to(torch.float64) * self.scale + self.shift
 
+    def repeat(self, times: int) -> Affine:
+        """Each channel's scale and shift repeated ``times`` in a row: BN seen through a flatten of (C, *spatial)."""
+        return Affine(self.scale.repeat_interleave(times), self.shift.repeat_interleave(times))
+
     def slice(self, start: int, stop: int) -> Affine:
         """The map restricted to channels ``start:stop`` (for BN after a concat)."""
         return Affine(self.scale[start:stop], self.shift[start:stop])

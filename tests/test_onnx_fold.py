@@ -494,3 +494,31 @@ def test_channel_count_mismatch_is_refused():
     model = _model(text, _consts(W=(4, 3, 3, 3)) + _bn_params(3), check=False)
     with pytest.raises(BnfoldError, match="mismatch"):  # shape inference sees it: the model itself is invalid
         fold_onnx(model)
+
+
+@pytest.mark.parametrize("head", ["Gemm <transB=1> (f, W, C)", "MatMul (f, M)"])
+def test_bn_before_flatten_then_gemm_or_matmul(head):
+    text = f"""<ir_version: 8, opset_import: ["" : OPSET]>
+    g (float[2,3,5,5] x) => (float[2,4] y) {{
+      c = Conv (x, K)
+      r = Relu (c)
+      n = BatchNormalization (r, s, b, m, v)
+      f = Flatten <axis=1> (n)
+      y = {head}
+    }}"""
+    inits = _consts(K=(3, 3, 3, 3), W=(4, 27), C=(4,), M=(27, 4)) + _bn_params(3)
+    folded, report = _check(_model(text, inits), {"x": _x(2, 3, 5, 5)}, folded_count=1)
+    assert report.layers[0].action == "folded into following" and "Flatten" in report.layers[0].notes[0]
+    assert "BatchNormalization" not in _ops(folded)
+
+
+def test_bn_before_flatten_on_axis_2_is_kept():
+    text = """<ir_version: 8, opset_import: ["" : OPSET]>
+    g (float[2,3,5,5] x) => (float[6,4] y) {
+      r = Relu (x)
+      n = BatchNormalization (r, s, b, m, v)
+      f = Flatten <axis=2> (n)
+      y = Gemm <transB=1> (f, W)
+    }"""
+    _, report = _check(_model(text, _consts(W=(4, 25)) + _bn_params(3)), {"x": _x(2, 3, 5, 5)}, folded_count=0)
+    assert report.bn_kept == 1

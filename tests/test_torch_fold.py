@@ -560,3 +560,37 @@ def test_instance_norm_is_not_a_batch_norm_and_channels_last_folds():
     model, folded, report = _fold(model, x.to(memory_format=torch.channels_last))
     assert report.bn_folded == 1
     assert_equivalent(model, folded, x)
+
+
+class FlattenHead(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.conv, self.bn, self.fc, self.how = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 9, 5), how
+        self.flat = nn.Flatten()
+
+    def forward(self, x):
+        y = self.bn(torch.relu(self.conv(x)))
+        if self.how == "module":
+            y = self.flat(y)
+        elif self.how == "function":
+            y = torch.flatten(y, 1)
+        elif self.how == "method":
+            y = y.flatten(1)
+        else:  # start_dim=2 keeps channels on axis 1: the Linear then reads spatial positions
+            y = torch.flatten(y, 2).transpose(1, 2).reshape(y.shape[0], -1)
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("how", ["module", "function", "method"])
+def test_bn_before_flatten_then_linear_folds(how):
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(FlattenHead(how), x)
+    assert report.entry("bn").action == "folded into following" and report.entry("bn").targets == ["fc"]
+    assert_equivalent(model, folded, x)
+
+
+def test_bn_before_a_reordering_flatten_is_kept():
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(FlattenHead("reorder"), x)
+    assert report.entry("bn").action == "kept"
+    assert_equivalent(model, folded, x)

@@ -24,6 +24,7 @@ from bnfold.affine import (
     FoldRefused,
     Layout,
     bn_affine,
+    input_channels,
     output_channels,
     round_to,
     scale_input_channels,
@@ -337,13 +338,29 @@ class GraphPass:
         readers = self.index.readers(y)
         if len(readers) != 1 or readers[0] is None:
             raise FoldRefused(f"its output is read by {len(readers)} consumers" if readers else "its output is unused")
-        layer = self.layer(readers[0], allow_add=False)
+        reader, through = readers[0], None
+        if reader.op_type == "Flatten" and reader.domain in ("", "ai.onnx") and _attr(reader, "axis", 1) == 1:
+            through = reader  # (N, C, ...) -> (N, C * ...): each channel's values stay one contiguous run
+            after = self.index.readers(reader.output[0])
+            if len(after) != 1 or after[0] is None:
+                raise FoldRefused(f"the output of {_label(reader)} is read by {len(after)} consumers")
+            reader = after[0]
+        layer = self.layer(reader, allow_add=False)
         node = layer.node
-        if node.input[0] != y or list(node.input).count(y) != 1:
+        data = through.output[0] if through is not None else y
+        if node.input[0] != data or list(node.input).count(data) != 1:
             raise FoldRefused(f"{_label(node)} reads BN's output as more than its data input")
         if node.op_type == "Gemm" and _attr(node, "transA", 0):
             raise FoldRefused(f"{_label(node)} transposes its input (transA=1), so it reads BN channels as rows")
-        if node.op_type == "MatMul" and self.index.ranks.get(y) != 2:
+        if through is not None:
+            if node.op_type not in ("Gemm", "MatMul"):
+                raise FoldRefused(f"{_label(node)} after {_label(through)} is not a Gemm or MatMul")
+            features = input_channels(to_torch64(layer.weight), layer.layout, layer.groups)
+            if features % affine.channels:
+                raise FoldRefused(f"{_label(node)} reads {features} features, not a multiple of BN's channels")
+            affine = affine.repeat(features // affine.channels)
+            notes.append(f"through {_label(through)}")
+        elif node.op_type == "MatMul" and self.index.ranks.get(y) != 2:
             rank = self.index.ranks.get(y)
             raise FoldRefused(
                 f"BN's output is {rank}-D, so {_label(node)} does not read its channels"
@@ -367,7 +384,7 @@ class GraphPass:
         self.write_weight(layer, weight, notes)
         if layer.bias is not None or bias.any():
             self.write_bias(layer, bias)
-        node.input[0] = bn.input[0]
+        (through if through is not None else node).input[0] = bn.input[0]
         self.remove(bn)
         return [target]
 

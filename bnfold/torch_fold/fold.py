@@ -281,16 +281,52 @@ class _TorchFoldPass:
         users = self.flow.users(value)
         if len(users) != 1:
             raise FoldRefused(f"its output is read by {len(users)} operations")
-        consumer = users[0]
+        consumer, affine = users[0], site.bn.affine
+        if self.flattens_channels(consumer):
+            return self.fold_through_flatten(site, consumer)
         module, spec = self.layer(consumer)
         if consumer.inputs != [value]:
             raise FoldRefused(f"{consumer.target} reads more than BN's output")
         self.check_axes(site.bn, spec, self.flow.ranks.get(value), consumer.target)
         weight, bias = scale_input_channels(
-            *self.current(module), site.bn.affine, spec.layout, spec.groups, padded=spec.zero_padded
+            *self.current(module), affine, spec.layout, spec.groups, padded=spec.zero_padded
         )
         self.commit([self.stage(module, weight, bias)])
         self.flow.bypass(site.call, site.input)
+        return [consumer.target]
+
+    def flattens_channels(self, call: Call) -> bool:
+        """Whether ``call`` is ``flatten(x, 1)`` (module, function or method) over the whole tensor."""
+        if call.op == "module":
+            module = self.flow.modules[call.target]
+            return isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1
+        name = call.target if isinstance(call.target, str) else getattr(call.target, "__name__", "")
+        if call.op != "function" or name != "flatten" or len(call.inputs) != 1:
+            return False
+        start = call.args[1] if len(call.args) > 1 else call.kwargs.get("start_dim", 0)
+        end = call.args[2] if len(call.args) > 2 else call.kwargs.get("end_dim", -1)
+        return start == 1 and end == -1
+
+    def fold_through_flatten(self, site: _Site, flatten: Call) -> list[str]:
+        """BN -> flatten(x, 1) -> Linear: the Linear reads each channel's values in one contiguous run."""
+        readers = self.flow.users(flatten.output)
+        if len(readers) != 1:
+            raise FoldRefused(f"the flattened output is read by {len(readers)} operations")
+        consumer = readers[0]
+        module, spec = self.layer(consumer)
+        if spec.spatial != 0 or consumer.inputs != [flatten.output]:
+            raise FoldRefused(f"{consumer.describe()} after the flatten is not a Linear reading only it")
+        rank = self.flow.ranks.get(flatten.output)
+        if rank is not None and rank != 2:
+            raise FoldRefused(f"the flatten gives a {rank}-D tensor, so the Linear reads another axis")
+        in_features = int(self.current(module)[0].shape[1])
+        if in_features % site.bn.affine.channels:
+            raise FoldRefused(f"{consumer.target} reads {in_features} features, not a multiple of BN's channels")
+        repeated = site.bn.affine.repeat(in_features // site.bn.affine.channels)
+        weight, bias = scale_input_channels(*self.current(module), repeated, spec.layout, spec.groups)
+        self.commit([self.stage(module, weight, bias)])
+        self.flow.bypass(site.call, site.input)
+        site.entry.notes.append("through the flatten before it")
         return [consumer.target]
 
     def try_fold(self, site: _Site) -> bool:
