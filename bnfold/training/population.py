@@ -43,7 +43,7 @@ class _Sums:
 class PopulationStats:
     """What :func:`population_statistics` did."""
 
-    batches: int
+    batches: int  # on all ranks together
     bn_layers: int
     values_per_channel: dict[str, int]
     world_size: int
@@ -163,4 +163,5 @@ def population_statistics(
                 module.num_batches_tracked.fill_(int(s.batches))
         per_channel[name] = int(s.values)
     model.eval()
-    return PopulationStats(count, len(bns), per_channel, world)
+    calls = int(next(iter(sums.values())).batches)  # batches seen by the first BN, on all ranks together
+    return PopulationStats(calls if world > 1 else count, len(bns), per_channel, world)

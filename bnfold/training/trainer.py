@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from bnfold import zoo
 from bnfold.checkpoint import TRAINED_FORMAT, build_arch
@@ -192,18 +192,16 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     bar.close()
     seconds = time.perf_counter() - start
     moving = _accuracy(model, x_test, y_test, device)
-    stats_loader = DataLoader(
-        dataset,
-        config.batch_size,
-        shuffle=False,
-        sampler=DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None,
-    )
-    pop = population_statistics(model, stats_loader, device=device, progress=progress and rank == 0)
-    population = _accuracy(model, x_test, y_test, device)
-    if config.sync_bn:  # same buffers as the architecture's own BNs: rebuild it for a portable model
-        plain = build_arch(config.arch, kwargs)
+    if config.sync_bn:  # same buffers as the architecture's own BNs: plain BN, portable and free of collectives
+        plain = build_arch(config.arch, kwargs).to(device)
         plain.load_state_dict(model.state_dict())
         model = plain
+    # each rank takes every world-th example, without the padding a DistributedSampler adds: the pooled
+    # statistics are then exactly those of one process over the training set
+    shard = Subset(dataset, range(rank, len(dataset), world))
+    stats_loader = DataLoader(shard, config.batch_size, shuffle=False)
+    pop = population_statistics(model, stats_loader, device=device, progress=progress and rank == 0)
+    population = _accuracy(model, x_test, y_test, device)
     metrics = {
         "steps": step,
         "epochs": epoch,
@@ -217,8 +215,9 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     }
     statistics = {
         "method": "population statistics (BN paper, Algorithm 2): E[x] = sum m_B mu_B / sum m_B, "
-        "Var[x] = sum m_B sigma_B^2 / sum (m_B - 1), over one pass of the training set in train mode",
-        "batches": pop.batches * world,
+        "Var[x] = sum m_B sigma_B^2 / sum (m_B - 1), over one pass of the training set in train mode "
+        "(under torch.distributed each rank takes every world-th example and the sums are all-reduced)",
+        "batches": pop.batches,
         "batch_size": config.batch_size,
         "world_size": world,
     }
