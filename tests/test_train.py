@@ -95,6 +95,12 @@ def test_two_cpu_processes_under_torchrun(tmp_path):
     metrics = json.loads(run.stdout[run.stdout.index("{") :])["metrics"]
     assert metrics["world_size"] == 2
     model = bnfold.load(out)
+    # the first BN's input does not depend on batching: its pooled mean is the training-set mean
+    data = load_dataset("digits")
+    x, _ = data.tensors((1, 8, 8), "train")
+    with torch.no_grad():
+        first = model.stem[0](x).double()
+    assert torch.allclose(model.stem[1].running_mean.double(), first.mean(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     folded, report = bnfold.fold(model)
     assert report.bn_kept == 0
     assert bnfold.verify(model, folded, input_shapes=[(4, 1, 8, 8)]).passed
