@@ -51,16 +51,16 @@ class PipelineResult:
         return self.verify is None or bool(self.verify["passed"])
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary."""
+        """JSON-ready summary: the fold report's keys (``bn_total``, ``layers``, ...) plus what else ran."""
         return {
+            **self.report.to_dict(),
             "input_format": self.input_format,
-            "report": self.report.to_dict(),
             "onnx_report": self.onnx_report.to_dict() if self.onnx_report else None,
             "output": self.output,
+            "bn_left_in_output": self.bn_left_in_output,
             "verify": self.verify,
             "bench": self.bench,
-            "bn_left_in_output": self.bn_left_in_output,
-            "notes": list(self.notes),
+            "notes": self.report.notes + self.notes,
         }
 
 

@@ -31,7 +31,7 @@ def test_fold_writes_checkpoint_and_report(checkpoint, tmp_path):
     result = _run("fold", path, "--arch", "resnet-tiny", "-o", out, "--report", report, "--verify")
     assert result.exit_code == 0, result.output
     assert "6 folded, 0 kept" in result.output and "verify (torch): pass" in result.output
-    data = json.loads(report.read_text())["report"]
+    data = json.loads(report.read_text())
     assert data["bn_total"] == 6 and data["bn_folded"] == 6 and len(data["layers"]) == 6
     rebuilt = load_folded(out)
     x = zoo.example_input("resnet-tiny")
@@ -112,7 +112,7 @@ def test_fold_onnx_file(tmp_path):
     result = _run("fold", src, "-o", out, "--report", report, "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
-    assert payload["report"]["bn_folded"] == 2 and payload["report"]["bn_kept"] == 0
+    assert payload["bn_folded"] == 2 and payload["bn_kept"] == 0
     assert not any(n.op_type == "BatchNormalization" for n in onnx.load(out).graph.node)
     result = _run("fold", src, "-o", tmp_path / "x.pt")
     assert result.exit_code == 2 and "written as .onnx" in result.output

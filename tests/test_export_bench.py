@@ -97,7 +97,7 @@ def test_one_command_fold_export_verify_bench(tmp_path):
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["report"]["bn_folded"] == 6 and summary["verify"]["passed"]
+    assert summary["bn_folded"] == 6 and summary["verify"]["passed"]
     assert summary["verify"]["onnx"]["runtimes"][0]["runtime"] == "ort-cpu"
     assert {r["runtime"] for r in summary["bench"]["compare"]["rows"]} == {"ort-cpu", "ort-cpu-opt"}
     assert json.loads(report.read_text())["output"] == str(out)

@@ -71,7 +71,7 @@ def test_torch_export_program_to_onnx_and_pt2(tmp_path, model):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["bn_left_in_output"] == 0 and summary["verify"]["passed"]
-    assert summary["report"]["method"] == "torch.export" and summary["report"]["bn_folded"] == 6
+    assert summary["method"] == "torch.export" and summary["bn_folded"] == 6
     pt2 = _fold(path, "-o", tmp_path / "m.pt2", "--verify")
     assert pt2.exit_code == 0, pt2.output
     program = torch.export.load(str(tmp_path / "m.pt2"))
