@@ -9,7 +9,16 @@ from torch import nn
 import bnfold
 from bnfold.zoo import randomize_batchnorm
 
-BLOCKS = ["conv_bn", "bn_conv", "convt_bn", "relu", "bn", "conv_pad", "bn_conv_pad"]
+BLOCKS = ["conv_bn", "bn_conv", "convt_bn", "relu", "bn", "conv_pad", "bn_conv_pad", "sum_bn"]
+
+
+class SumBN(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(cin, cout, 3, padding=1), nn.Conv2d(cin, cout, 1), nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return self.bn(self.a(x) + self.b(x))
 
 
 def _build(blocks, channels, groups_choice):
@@ -31,6 +40,9 @@ def _build(blocks, channels, groups_choice):
             c = out
         elif block == "bn_conv_pad":
             layers += [nn.BatchNorm2d(c), nn.Conv2d(c, out, 3, padding=1)]
+            c = out
+        elif block == "sum_bn":
+            layers.append(SumBN(c, out))
             c = out
         elif block == "relu":
             layers.append(nn.ReLU())

@@ -522,3 +522,28 @@ def test_bn_before_flatten_on_axis_2_is_kept():
     }"""
     _, report = _check(_model(text, _consts(W=(4, 25)) + _bn_params(3)), {"x": _x(2, 3, 5, 5)}, folded_count=0)
     assert report.bn_kept == 1
+
+
+def test_bn_after_a_sum_of_two_convs():
+    text = """<ir_version: 8, opset_import: ["" : OPSET]>
+    g (float[2,3,5,5] x) => (float[2,4,5,5] y) {
+      a = Conv <pads=[1,1,1,1]> (x, Wa, Ba)
+      b = Conv (x, Wb)
+      s2 = Add (a, b)
+      y = BatchNormalization (s2, s, b_, m, v)
+    }""".replace("b_,", "bb,")
+    inits = _consts(Wa=(4, 3, 3, 3), Ba=(4,), Wb=(4, 3, 1, 1)) + _consts(1, s=(4,), bb=(4,), m=(4,), v=(4,))
+    folded, report = _check(_model(text, inits), {"x": _x(2, 3, 5, 5)}, folded_count=1)
+    assert report.layers[0].action == "folded into producers" and _ops(folded) == ["Conv", "Conv", "Add"]
+
+
+def test_bn_after_a_residual_sum_is_kept():
+    text = """<ir_version: 8, opset_import: ["" : OPSET]>
+    g (float[2,4,5,5] x) => (float[2,4,5,5] y) {
+      a = Conv <pads=[1,1,1,1]> (x, Wa)
+      s2 = Add (a, x)
+      y = BatchNormalization (s2, s, bb, m, v)
+    }"""
+    inits = _consts(Wa=(4, 4, 3, 3)) + _consts(1, s=(4,), bb=(4,), m=(4,), v=(4,))
+    _, report = _check(_model(text, inits), {"x": _x(2, 4, 5, 5)}, folded_count=0)
+    assert "graph input" in report.layers[0].reason

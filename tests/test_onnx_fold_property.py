@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bnfold.onnx_eval import reference_float64, run_ort
 from bnfold.onnx_fold import fold_onnx
 
-BLOCKS = ["conv_bn", "bn_conv", "bn_padded_conv", "convt_bn", "relu", "bn", "concat_bn", "mul_add"]
+BLOCKS = ["conv_bn", "bn_conv", "bn_padded_conv", "convt_bn", "relu", "bn", "concat_bn", "mul_add", "sum_bn", "flatten"]
 
 
 class _Builder:
@@ -63,6 +63,10 @@ def _build(blocks, widths, groups, seed):
         elif block == "concat_bn":
             left, right = b.conv(x, c, 2, 1, 0, 1), b.conv(x, c, out, 3, 1, 1)
             x, c = b.bn(b.node("Concat", [left, right], axis=1), 2 + out), 2 + out
+        elif block == "sum_bn":
+            x, c = b.bn(b.node("Add", [b.conv(x, c, out, 3, 1, 1), b.conv(x, c, out, 1, 0, 1)]), out), out
+        elif block == "flatten":
+            continue  # the head below flattens; listed so BN-before-flatten heads get drawn more often
         else:
             x = b.conv(x, c, c, 1, 0, 1)
             x = b.node(
@@ -72,9 +76,12 @@ def _build(blocks, widths, groups, seed):
                     b.const(rng.standard_normal((1, c, 1, 1))),
                 ],
             )
-    pooled = b.node("Flatten", [b.node("GlobalAveragePool", [x])])
-    w = b.const(rng.standard_normal((3, c)))
-    y = b.bn(b.node("Gemm", [b.bn(pooled, c), w, b.const(rng.standard_normal(3))], transB=1), 3)
+    if "flatten" in blocks:  # BN -> Flatten -> Gemm over all positions
+        flat, features = b.node("Flatten", [b.bn(x, c)], axis=1), c * 36
+    else:
+        flat, features = b.bn(b.node("Flatten", [b.node("GlobalAveragePool", [x])]), c), c
+    w = b.const(rng.standard_normal((3, features)) / np.sqrt(features))
+    y = b.bn(b.node("Gemm", [flat, w, b.const(rng.standard_normal(3))], transB=1), 3)
     graph = helper.make_graph(
         b.nodes,
         "g",

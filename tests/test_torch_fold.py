@@ -594,3 +594,27 @@ def test_bn_before_a_reordering_flatten_is_kept():
     model, folded, report = _fold(FlattenHead("reorder"), x)
     assert report.entry("bn").action == "kept"
     assert_equivalent(model, folded, x)
+
+
+class SumBN(nn.Module):
+    def __init__(self, second="conv"):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1) if second == "conv" else nn.Identity()
+        self.bn = nn.BatchNorm2d(4 if second == "conv" else 3)
+        self.second = second
+
+    def forward(self, x):
+        if self.second == "conv":
+            return self.bn(self.a(x) + self.b(x))
+        return self.bn(x + self.b(x))  # one side is not a layer: not foldable
+
+
+def test_bn_after_a_sum_of_two_convs_folds_into_both():
+    x = torch.randn(2, 3, 5, 5)
+    model, folded, report = _fold(SumBN(), x)
+    assert report.layers[0].action == "folded into producers" and report.layers[0].targets == ["a", "b"]
+    assert_equivalent(model, folded, x)
+    model, folded, report = _fold(SumBN("identity"), x)
+    assert report.bn_kept == 1
+    assert_equivalent(model, folded, x)

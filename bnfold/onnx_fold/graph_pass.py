@@ -332,6 +332,34 @@ class GraphPass:
         self.remove(bn)
         return targets
 
+    def sum_producers(self, bn: onnx.NodeProto, add: onnx.NodeProto, affine: Affine, notes: list[str]) -> list[str]:
+        """BN(a + b) = s*a + (s*b + t): scale both layers, give the first one the shift."""
+        x = bn.input[0]
+        self.only_reader(x, bn, _label(add))
+        if len(add.input) != 2 or add.input[0] == add.input[1]:
+            raise FoldRefused(f"{_label(add)} does not add two different tensors")
+        scale_only = Affine(affine.scale, torch.zeros_like(affine.shift))
+        staged = []
+        for value, part in zip(add.input, (affine, scale_only), strict=True):
+            layer = self.layer(self.index.producer.get(value), allow_add=False)
+            if any(layer.node is other.node for other, _, _ in staged):
+                raise FoldRefused(f"{_label(layer.node)} feeds {_label(add)} twice")
+            self.only_reader(value, add, _label(layer.node))
+            self.check_channel_axis(layer)
+            rank = self.index.ranks.get(value)
+            if rank is not None and layer.out_rank is not None and rank != layer.out_rank:
+                raise FoldRefused(f"{_label(layer.node)} has an unexpected output rank")
+            staged.append((layer, *self.fold_into(layer, part, notes)))
+        if self.index.ranks.get(add.input[0]) != self.index.ranks.get(add.input[1]):
+            raise FoldRefused(f"{_label(add)} broadcasts tensors of different ranks")
+        targets = [_node_id(layer.node) for layer, _, _ in staged]
+        for layer, weight, bias in staged:
+            self.write_weight(layer, weight, notes)
+            self.write_bias(layer, bias)
+        add.output[0] = bn.output[0]
+        self.remove(bn)
+        return targets
+
     def following(self, bn: onnx.NodeProto, affine: Affine, notes: list[str]) -> list[str]:
         """Fold BN into the single layer that reads its output."""
         y = bn.output[0]
@@ -476,13 +504,16 @@ class GraphPass:
             entry.reason = str(refused)
             return False
         producer = self.index.producer.get(bn.input[0])
-        is_concat = producer is not None and producer.op_type == "Concat"
-        if is_concat:
-            before = lambda notes: self.producers(bn, producer, affine, notes)  # noqa: E731
+        op = producer.op_type if producer is not None and producer.domain in ("", "ai.onnx") else None
+        sum_of_tensors = op == "Add" and all(self.index.constant(i) is None for i in producer.input)
+        if op == "Concat":
+            before, action = (lambda notes: self.producers(bn, producer, affine, notes)), FOLDED_INTO_PRODUCERS
+        elif sum_of_tensors:
+            before, action = (lambda notes: self.sum_producers(bn, producer, affine, notes)), FOLDED_INTO_PRODUCERS
         else:
-            before = lambda notes: self.preceding(bn, affine, notes)  # noqa: E731
+            before, action = (lambda notes: self.preceding(bn, affine, notes)), FOLDED_INTO_PRECEDING
         attempts = [
-            ("before", FOLDED_INTO_PRODUCERS if is_concat else FOLDED_INTO_PRECEDING, before),
+            ("before", action, before),
             ("after", FOLDED_INTO_FOLLOWING, lambda notes: self.following(bn, affine, notes)),
         ]
         return first_fold(entry, attempts)

@@ -14,6 +14,7 @@ import collections
 import copy
 import dataclasses
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -85,6 +86,21 @@ def _as_tuple(example_inputs: Any) -> tuple | None:
     if isinstance(example_inputs, list):
         return tuple(example_inputs)
     return (example_inputs,)
+
+
+_ADD_FUNCTIONS = (operator.add, torch.add)
+
+
+def _function_kind(call: Call | None) -> str | None:
+    """``cat`` or ``add`` for the calls a BN can fold through into several producers."""
+    if call is None or call.op != "function":
+        return None
+    if call.target in _CAT_FUNCTIONS:
+        return "cat"
+    name = call.target if isinstance(call.target, str) else getattr(call.target, "__name__", "")
+    if call.target in _ADD_FUNCTIONS or name in ("add", "__add__", "__radd__"):
+        return "add"
+    return None
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -239,6 +255,28 @@ class _TorchFoldPass:
         self.flow.bypass(site.call, value)
         return [producer.target]
 
+    def fold_sum(self, site: _Site, add: Call) -> list[str]:
+        """BN(a + b) = s*a + (s*b + t): scale both layers, give one of them the shift."""
+        value = site.input
+        self.only_reader(value, site.call, "the add")
+        if len(add.inputs) != 2 or add.inputs[0] == add.inputs[1] or set(add.kwargs) - {"other"}:
+            raise FoldRefused("the add is not a plain sum of two different tensors")
+        staged, targets = [], []
+        scale_only = Affine(site.bn.affine.scale, torch.zeros_like(site.bn.affine.shift))
+        for v, affine in zip(add.inputs, (site.bn.affine, scale_only), strict=True):
+            producer = self.flow.producer(v)
+            module, spec = self.layer(producer)
+            if module in [item.module for item in staged]:
+                raise FoldRefused(f"{producer.target} feeds the add twice")
+            self.only_reader(v, add, producer.target)
+            self.check_axes(site.bn, spec, self.flow.ranks.get(v), producer.target)
+            folded = scale_output_channels(*self.current(module), affine, spec.layout, spec.groups)
+            staged.append(self.stage(module, *folded))
+            targets.append(producer.target)
+        self.commit(staged)
+        self.flow.bypass(site.call, value)
+        return targets
+
     def fold_producers(self, site: _Site, cat: Call) -> list[str]:
         value = site.input
         self.only_reader(value, site.call, "the concat")
@@ -343,12 +381,14 @@ class _TorchFoldPass:
                 site.entry.reason = "the BN module has forward hooks"
                 return False
         producer = self.flow.producer(site.input)
-        is_cat = producer is not None and producer.op == "function" and producer.target in _CAT_FUNCTIONS
-        before = (lambda _: self.fold_producers(site, producer)) if is_cat else (lambda _: self.fold_preceding(site))
-        attempts = [
-            ("before", FOLDED_INTO_PRODUCERS if is_cat else FOLDED_INTO_PRECEDING, before),
-            ("after", FOLDED_INTO_FOLLOWING, lambda _: self.fold_following(site)),
-        ]
+        kind = _function_kind(producer)
+        if kind == "cat":
+            before, action = (lambda _: self.fold_producers(site, producer)), FOLDED_INTO_PRODUCERS
+        elif kind == "add":
+            before, action = (lambda _: self.fold_sum(site, producer)), FOLDED_INTO_PRODUCERS
+        else:
+            before, action = (lambda _: self.fold_preceding(site)), FOLDED_INTO_PRECEDING
+        attempts = [("before", action, before), ("after", FOLDED_INTO_FOLLOWING, lambda _: self.fold_following(site))]
         if not first_fold(site.entry, attempts):
             return False
         self.remove(site)
