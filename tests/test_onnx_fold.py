@@ -547,3 +547,17 @@ def test_bn_after_a_residual_sum_is_kept():
     inits = _consts(Wa=(4, 4, 3, 3)) + _consts(1, s=(4,), bb=(4,), m=(4,), v=(4,))
     _, report = _check(_model(text, inits), {"x": _x(2, 4, 5, 5)}, folded_count=0)
     assert "graph input" in report.layers[0].reason
+
+
+def test_sum_of_a_gemm_and_a_conv_broadcasting_across_axes_is_kept():
+    text = """<ir_version: 8, opset_import: ["" : OPSET]>
+    g (float[2,3,2,4] x, float[2,3] v) => (float[2,4,2,4] y) {
+      a = Gemm <transB=1> (v, Wg)
+      b = Conv (x, Wc)
+      s2 = Add (a, b)
+      y = BatchNormalization (s2, s, bb, m, v_)
+    }""".replace("v_)", "vv)")
+    inits = _consts(Wg=(4, 3), Wc=(4, 3, 1, 1)) + _consts(1, s=(4,), bb=(4,), m=(4,), vv=(4,))
+    model = _model(text, inits)
+    _, report = _check(model, {"x": _x(2, 3, 2, 4), "v": _x(2, 3)}, folded_count=0)
+    assert "ranks" in report.layers[0].reason

@@ -618,3 +618,24 @@ def test_bn_after_a_sum_of_two_convs_folds_into_both():
     model, folded, report = _fold(SumBN("identity"), x)
     assert report.bn_kept == 1
     assert_equivalent(model, folded, x)
+
+
+class BroadcastSum(nn.Module):
+    """(N, 4) + (N, 4, 2, 4): the Linear's features broadcast along the last (width) axis, not the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.conv, self.bn = nn.Linear(3, 4), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x, v):
+        return self.bn(self.fc(v) + self.conv(x))
+
+
+def test_sum_that_broadcasts_across_axes_is_kept():
+    x, v = torch.randn(2, 3, 2, 4), torch.randn(2, 3)
+    model = randomized(BroadcastSum())
+    folded, report = bnfold.fold(model, (x, v))
+    assert report.bn_kept == 1
+    assert torch.allclose(folded(x, v), model(x, v), atol=1e-5)
+    _, report = bnfold.fold(model)
+    assert report.bn_kept == 1 and "example_inputs" in report.layers[0].reason

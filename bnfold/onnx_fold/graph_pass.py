@@ -350,8 +350,9 @@ class GraphPass:
             if rank is not None and layer.out_rank is not None and rank != layer.out_rank:
                 raise FoldRefused(f"{_label(layer.node)} has an unexpected output rank")
             staged.append((layer, *self.fold_into(layer, part, notes)))
-        if self.index.ranks.get(add.input[0]) != self.index.ranks.get(add.input[1]):
-            raise FoldRefused(f"{_label(add)} broadcasts tensors of different ranks")
+        ranks = {layer.out_rank for layer, _, _ in staged} | {self.index.ranks.get(v) for v in add.input}
+        if len(ranks - {None}) != 1 or any(layer.out_rank is None for layer, _, _ in staged):
+            raise FoldRefused(f"{_label(add)} adds tensors of different or unknown ranks (channels may not align)")
         targets = [_node_id(layer.node) for layer, _, _ in staged]
         for layer, weight, bias in staged:
             self.write_weight(layer, weight, notes)

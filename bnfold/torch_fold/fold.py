@@ -269,7 +269,12 @@ class _TorchFoldPass:
             if module in [item.module for item in staged]:
                 raise FoldRefused(f"{producer.target} feeds the add twice")
             self.only_reader(v, add, producer.target)
-            self.check_axes(site.bn, spec, self.flow.ranks.get(v), producer.target)
+            rank = self.flow.ranks.get(v)
+            if rank is None or rank != self.flow.ranks.get(value):
+                raise FoldRefused(
+                    "the add's operands may broadcast, so their channels may not align: pass example_inputs"
+                )
+            self.check_axes(site.bn, spec, rank, producer.target)
             folded = scale_output_channels(*self.current(module), affine, spec.layout, spec.groups)
             staged.append(self.stage(module, *folded))
             targets.append(producer.target)
