@@ -274,6 +274,7 @@ def run_pipeline(
         shape = tuple(inputs[0].shape)
         if exported is not None:
             original = _preserve_bn_onnx(model, inputs)
+            result.notes.append("bench baseline: the original exported by the TorchScript exporter with every BN kept")
             before = benchmark(
                 original, input_shape=shape, iterations=bench_iterations, label="original (BN kept)", progress=False
             )
