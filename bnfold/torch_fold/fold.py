@@ -3,9 +3,10 @@
 Each BN is *matched* from the real data flow (producer -> BN -> consumer),
 *checked* (each check raises :class:`~bnfold.affine.FoldRefused` with the reason
 the report shows) and *rewritten* with the float64 maths of :mod:`bnfold.affine`.
-Directions, in the order tried: into the layer before BN, into every producer of
-a channel concat before BN, into the layer after BN. Folding repeats until
-nothing changes, so BN -> BN -> Linear folds both.
+Directions, in the order tried: into the layer before BN (or into every producer
+of a channel concat, or into both layers of a sum, before BN), then into the layer
+after BN (also through ``flatten(x, 1)``). Folding repeats until nothing changes,
+so BN -> BN -> Linear folds both. torch.export programs go to :mod:`.aten`.
 """
 
 from __future__ import annotations
