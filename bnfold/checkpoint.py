@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,8 @@ def build_arch(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
         factory = zoo.ZOO[arch].factory
     elif ":" in arch:
         module_name, _, attr = arch.partition(":")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.append(os.getcwd())  # `--arch mymodels:build` finds mymodels.py where the user runs bnfold
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except ImportError as error:

@@ -117,3 +117,42 @@ def test_fold_onnx_file(tmp_path):
     result = _run("fold", src, "-o", tmp_path / "x.pt")
     assert result.exit_code == 2 and "written as .onnx" in result.output
     assert _run("inspect", src).exit_code == 0
+
+
+def test_user_architecture_from_the_working_directory(tmp_path):
+    """`--arch mymodels:build` imports mymodels.py from where the console script runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "mymodels.py").write_text(
+        "import torch.nn as nn\n"
+        "def build(width=4):\n"
+        "    return nn.Sequential(nn.Conv2d(1, width, 3), nn.BatchNorm2d(width), nn.ReLU())\n"
+    )
+    model = randomized(torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU()))
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    script = Path(sys.executable).parent / "bnfold"
+    run = subprocess.run(
+        [
+            str(script),
+            "fold",
+            "w.pt",
+            "--arch",
+            "mymodels:build",
+            "--arch-kwargs",
+            '{"width": 6}',
+            "--input-shape",
+            "2,1,8,8",
+            "-o",
+            "out.onnx",
+            "--verify",
+            "-q",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "out.onnx").exists()
