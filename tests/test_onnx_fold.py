@@ -561,3 +561,18 @@ def test_sum_of_a_gemm_and_a_conv_broadcasting_across_axes_is_kept():
     model = _model(text, inits)
     _, report = _check(model, {"x": _x(2, 3, 2, 4), "v": _x(2, 3)}, folded_count=0)
     assert "ranks" in report.layers[0].reason
+
+
+@pytest.mark.parametrize("target,folds", [([-1, 27], True), ([0, -1], True), ([2, 27], True), ([6, 9], False)])
+def test_bn_before_a_reshape_that_flattens(target, folds):
+    k = 27 if folds else 9
+    text = f"""<ir_version: 8, opset_import: ["" : OPSET]>
+    g (float[2,3,3,3] x) => (float[{2 if folds else 6},4] y) {{
+      r = Relu (x)
+      n = BatchNormalization (r, s, b, m, v)
+      f = Reshape (n, shape)
+      y = Gemm <transB=1> (f, W)
+    }}"""
+    inits = _consts(W=(4, k)) + _bn_params(3) + [numpy_helper.from_array(np.array(target, np.int64), "shape")]
+    folded, report = _check(_model(text, inits), {"x": _x(2, 3, 3, 3)}, folded_count=int(folds))
+    assert ("BatchNormalization" in _ops(folded)) != folds

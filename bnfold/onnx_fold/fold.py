@@ -26,16 +26,22 @@ __all__ = ["fold_onnx"]
 logger = logging.getLogger(__name__)
 
 
-def _value_types(graph: onnx.GraphProto, ranks: dict[str, int], dtypes: dict[str, int]) -> None:
+def _value_types(
+    graph: onnx.GraphProto,
+    ranks: dict[str, int],
+    dtypes: dict[str, int],
+    shapes: dict[str, tuple[int | None, ...]],
+) -> None:
     for info in list(graph.value_info) + list(graph.input) + list(graph.output):
         tensor = info.type.tensor_type
         if info.type.HasField("tensor_type"):
             dtypes[info.name] = tensor.elem_type
             if tensor.HasField("shape"):
                 ranks[info.name] = len(tensor.shape.dim)
+                shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim)
     for node in graph.node:
         for sub in subgraphs(node):
-            _value_types(sub, ranks, dtypes)
+            _value_types(sub, ranks, dtypes, shapes)
 
 
 def _fold_graph(
@@ -43,19 +49,21 @@ def _fold_graph(
     outer: dict[str, np.ndarray],
     ranks: dict[str, int],
     dtypes: dict[str, int],
+    shapes: dict[str, tuple[int | None, ...]],
     entries: list[LayerEntry],
     opset: int,
     allow_initializer_inputs: bool,
     names: set[str],
 ) -> None:
     index = GraphIndex(graph, outer, ranks, dtypes, allow_initializer_inputs)
+    index.shapes = shapes
     index.names |= names
     fold_constants(index)
     GraphPass(index, entries, opset).run()
     names |= index.names
     for node in graph.node:
         for sub in subgraphs(node):
-            _fold_graph(sub, index.constants, ranks, dtypes, entries, opset, allow_initializer_inputs, names)
+            _fold_graph(sub, index.constants, ranks, dtypes, shapes, entries, opset, allow_initializer_inputs, names)
 
 
 def _read_anywhere(graph: onnx.GraphProto) -> set[str]:
@@ -133,15 +141,17 @@ def fold_onnx(
         raise BnfoldError(f"the ONNX model fails onnx.checker: {' '.join(lines[:3])[:240]}") from None
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     ranks: dict[str, int] = {}
+    shapes: dict[str, tuple[int | None, ...]] = {}
     dtypes: dict[str, int] = {}
     notes: list[str] = []
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
-        _value_types(inferred.graph, ranks, dtypes)
+        _value_types(inferred.graph, ranks, dtypes, shapes)
     except Exception as error:  # noqa: BLE001 - inference is a help, not a requirement
         notes.append(f"shape inference failed ({type(error).__name__}): MatMul folds that need ranks are refused")
     entries: list[LayerEntry] = []
-    _fold_graph(proto.graph, {}, ranks, dtypes, entries, opset, allow_initializer_inputs, _all_names(proto.graph))
+    names = _all_names(proto.graph)
+    _fold_graph(proto.graph, {}, ranks, dtypes, shapes, entries, opset, allow_initializer_inputs, names)
     if allow_initializer_inputs:
         initializers = {t.name for t in proto.graph.initializer}
         kept = [i for i in proto.graph.input if i.name not in initializers]

@@ -66,6 +66,7 @@ class GraphIndex:
         computed: Names whose value was computed from constants by the pass.
         overridable: Initializers that are also graph inputs.
         ranks: Value name -> rank, where shape inference knew it.
+        shapes: Value name -> dims (None where not static), where shape inference knew them.
         dtypes: Value name -> ONNX element type, where known.
     """
 
@@ -79,6 +80,7 @@ class GraphIndex:
     ) -> None:
         self.graph = graph
         self.ranks = ranks
+        self.shapes: dict[str, tuple[int | None, ...]] = {}
         self.dtypes = dtypes
         inputs = {i.name for i in graph.input}
         self.overridable = {t.name for t in graph.initializer if t.name in inputs}

@@ -368,7 +368,7 @@ class GraphPass:
         if len(readers) != 1 or readers[0] is None:
             raise FoldRefused(f"its output is read by {len(readers)} consumers" if readers else "its output is unused")
         reader, through = readers[0], None
-        if reader.op_type == "Flatten" and reader.domain in ("", "ai.onnx") and _attr(reader, "axis", 1) == 1:
+        if self.flattens_channels(reader, y):
             through = reader  # (N, C, ...) -> (N, C * ...): each channel's values stay one contiguous run
             after = self.index.readers(reader.output[0])
             if len(after) != 1 or after[0] is None:
@@ -416,6 +416,29 @@ class GraphPass:
         (through if through is not None else node).input[0] = bn.input[0]
         self.remove(bn)
         return [target]
+
+    def flattens_channels(self, node: onnx.NodeProto | None, value: str) -> bool:
+        """Whether ``node`` turns ``value`` (N, C, ...) into (N, C * ...): Flatten(axis=1), or a Reshape to that."""
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return False
+        if node.op_type == "Flatten":
+            return _attr(node, "axis", 1) == 1
+        if node.op_type != "Reshape" or len(node.input) != 2 or node.input[0] != value:
+            return False
+        target = self.index.constant(node.input[1])
+        shape = self.index.shapes.get(value)
+        if target is None or shape is None or target.ndim != 1 or len(target) != 2 or len(shape) < 2:
+            return False
+        batch, rest = int(target[0]), int(target[1])
+        features = int(np.prod(shape[1:])) if all(d is not None for d in shape[1:]) else None
+        if 0 in (batch, rest) and _attr(node, "allowzero", 0):
+            return False
+        keeps_batch = (
+            batch == 0
+            or (batch == -1 and features is not None and rest == features)
+            or (shape[0] is not None and batch == shape[0])
+        )
+        return keeps_batch and (rest == -1 and batch != -1 or (features is not None and rest == features))
 
     @staticmethod
     def zero_padded(node: onnx.NodeProto, weight: np.ndarray) -> bool:
