@@ -576,3 +576,39 @@ def test_bn_before_a_reshape_that_flattens(target, folds):
     inits = _consts(W=(4, k)) + _bn_params(3) + [numpy_helper.from_array(np.array(target, np.int64), "shape")]
     folded, report = _check(_model(text, inits), {"x": _x(2, 3, 3, 3)}, folded_count=int(folds))
     assert ("BatchNormalization" in _ops(folded)) != folds
+
+
+def test_a_layer_folded_twice_is_rounded_once():
+    """BN -> Conv -> BN in float16: both maps are applied in float64 and the weight is rounded once."""
+    import torch
+
+    from bnfold.affine import Layout, bn_affine, round_to, scale_input_channels, scale_output_channels
+
+    text = """<ir_version: 8, opset_import: ["" : OPSET]>
+    g (float16[2,3,5,5] x) => (float16[2,4,5,5] y) {
+      r = Relu (x)
+      n = BatchNormalization (r, s1, b1, m1, v1)
+      c = Conv (n, W)
+      y = BatchNormalization (c, s2, b2, m2, v2)
+    }"""
+    rng = np.random.default_rng(7)
+    arrays = {"W": rng.standard_normal((4, 3, 1, 1))}
+    for i, c in (("1", 3), ("2", 4)):
+        arrays |= {
+            f"s{i}": rng.standard_normal(c),
+            f"b{i}": rng.standard_normal(c),
+            f"m{i}": rng.standard_normal(c),
+            f"v{i}": rng.uniform(0.3, 2, c),
+        }
+    model = _model(text, [numpy_helper.from_array(a.astype(np.float16), k) for k, a in arrays.items()])
+    folded, report = fold_onnx(model)
+    assert report.bn_folded == 2
+    t = {k: torch.from_numpy(a.astype(np.float16).astype(np.float64)) for k, a in arrays.items()}
+    first = bn_affine(t["m1"], t["v1"], t["s1"], t["b1"], 1e-5)
+    second = bn_affine(t["m2"], t["v2"], t["s2"], t["b2"], 1e-5)
+    w, b = scale_input_channels(t["W"], None, first, Layout.CONV)
+    w, b = scale_output_channels(w, b, second, Layout.CONV)
+    expected = round_to(w, torch.float16)[0].numpy()
+    conv = next(n for n in folded.graph.node if n.op_type == "Conv")
+    got = next(numpy_helper.to_array(i) for i in folded.graph.initializer if i.name == conv.input[1])
+    assert np.array_equal(got, expected)

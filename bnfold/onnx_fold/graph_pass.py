@@ -85,6 +85,8 @@ class _Layer:
     bias: np.ndarray | None  # Conv/ConvTranspose bias, Gemm C, or the constant of MatMul's bias Add
     add: onnx.NodeProto | None = None  # MatMul's bias Add
     add_const_index: int = 1
+    weight64: torch.Tensor | None = None  # float64 values: exact where an earlier fold wrote this weight
+    bias64: torch.Tensor | None = None
 
     @property
     def output(self) -> str:
@@ -105,11 +107,32 @@ class GraphPass:
         self.index = index
         self.entries = entries
         self.opset = opset
+        # float64 values behind the initializers this pass wrote: a layer folded twice is still rounded once
+        self.exact: dict[str, torch.Tensor] = {}
+        self._rounded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _f64(self, name: str, array: np.ndarray | None) -> torch.Tensor | None:
+        if array is None:
+            return None
+        return self.exact[name] if name in self.exact else to_torch64(array)
+
+    def _with_exact(self, layer: _Layer) -> _Layer:
+        node = layer.node
+        layer.weight64 = self._f64(node.input[1], layer.weight)
+        if layer.add is not None:
+            bias = self._f64(layer.add.input[layer.add_const_index], layer.bias)
+            layer.bias64 = None if bias is None else bias.reshape(-1)
+        else:
+            layer.bias64 = self._f64(node.input[2], layer.bias) if len(node.input) > 2 and node.input[2] else None
+        return layer
 
     # -- match ---------------------------------------------------------------------------
 
     def layer(self, node: onnx.NodeProto | None, *, allow_add: bool = True) -> _Layer:
         """Describe ``node`` as a linear layer with constant weights, or refuse."""
+        return self._with_exact(self._match_layer(node, allow_add=allow_add))
+
+    def _match_layer(self, node: onnx.NodeProto | None, *, allow_add: bool = True) -> _Layer:
         if node is None:
             raise FoldRefused("it comes from a graph input or initializer")
         if node.domain not in ("", "ai.onnx"):
@@ -151,7 +174,7 @@ class GraphPass:
                 continue
             if self.index.readers(other) != [add]:
                 raise FoldRefused(f"the output of {_label(producer)} is also read by another node")
-            layer = self.layer(producer, allow_add=False)
+            layer = self._match_layer(producer, allow_add=False)
             if bias.ndim > 1 and any(d != 1 for d in bias.shape[:-1]):
                 raise FoldRefused(f"the bias of {_label(add)} is not one value per output channel")
             layer.add, layer.add_const_index, layer.bias = add, const_index, bias.reshape(-1)
@@ -195,6 +218,8 @@ class GraphPass:
     def new_initializer(self, tensor: torch.Tensor, base: str) -> str:
         """Add a rounded tensor as a fresh initializer; return its name."""
         name = self.index.fresh(f"{base}_bnfold")
+        if id(tensor) in self._rounded and self._rounded[id(tensor)][0] is tensor:
+            self.exact[name] = self._rounded.pop(id(tensor))[1]
         proto = from_torch(tensor, name)
         self.index.graph.initializer.append(proto)
         self.index.constants[name] = numpy_helper.to_array(proto)
@@ -203,6 +228,7 @@ class GraphPass:
     def round(self, value: torch.Tensor, layer: _Layer) -> torch.Tensor:
         """Round a float64 result once to the layer's weight dtype (refusing overflow)."""
         rounded, _flushed = round_to(value, layer.dtype)
+        self._rounded[id(rounded)] = (rounded, value)
         return rounded
 
     def write_weight(self, layer: _Layer, weight: torch.Tensor, notes: list[str]) -> None:
@@ -246,18 +272,14 @@ class GraphPass:
     def fold_into(self, layer: _Layer, affine: Affine, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's weight and bias with ``affine`` applied to its output, rounded."""
         self.check_weight_dtype_matches(layer)
-        w = to_torch64(layer.weight)
+        w = layer.weight64
         if layer.node.op_type == "Gemm":
             weight, _ = scale_output_channels(w, None, affine, layer.layout)
             beta = float(_attr(layer.node, "beta", 1.0))
-            c = (
-                to_torch64(layer.bias) * beta
-                if layer.bias is not None
-                else torch.zeros(affine.channels, dtype=torch.float64)
-            )
+            c = layer.bias64 * beta if layer.bias is not None else torch.zeros(affine.channels, dtype=torch.float64)
             bias = affine.apply_last_axis(c)
         else:
-            b = to_torch64(layer.bias) if layer.bias is not None else None
+            b = layer.bias64 if layer.bias is not None else None
             weight, bias = scale_output_channels(w, b, affine, layer.layout, layer.groups)
         return self.round(weight, layer), self.round(bias, layer)
 
@@ -317,7 +339,7 @@ class GraphPass:
             raise FoldRefused(f"the Concat joins axis {axis}, not the channel axis 1")
         staged, start = [], 0
         for layer in layers:
-            stop = start + output_channels(to_torch64(layer.weight), layer.layout, layer.groups)
+            stop = start + output_channels(layer.weight64, layer.layout, layer.groups)
             if stop > affine.channels:
                 raise FoldRefused("the Concat has more channels than BN")
             staged.append((layer, *self.fold_into(layer, affine.slice(start, stop), notes)))
@@ -384,7 +406,7 @@ class GraphPass:
         if through is not None:
             if node.op_type not in ("Gemm", "MatMul"):
                 raise FoldRefused(f"{_label(node)} after {_label(through)} is not a Gemm or MatMul")
-            features = input_channels(to_torch64(layer.weight), layer.layout, layer.groups)
+            features = input_channels(layer.weight64, layer.layout, layer.groups)
             if features % affine.channels:
                 raise FoldRefused(f"{_label(node)} reads {features} features, not a multiple of BN's channels")
             affine = affine.repeat(features // affine.channels)
@@ -397,16 +419,16 @@ class GraphPass:
                 else f"the rank of BN's output is unknown, so the channel axis {_label(node)} reads is unproven"
             )
         self.check_weight_dtype_matches(layer)
-        w = to_torch64(layer.weight)
+        w = layer.weight64
         padded = node.op_type == "Conv" and self.zero_padded(node, layer.weight)
         if node.op_type in ("Gemm", "MatMul"):
             weight, contribution = scale_input_channels(w, None, affine, layer.layout)
             alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
             beta = float(_attr(node, "beta", 1.0))
-            base = to_torch64(layer.bias) * beta if layer.bias is not None else torch.zeros((), dtype=torch.float64)
+            base = layer.bias64 * beta if layer.bias is not None else torch.zeros((), dtype=torch.float64)
             bias = base + alpha * contribution
         else:
-            b = to_torch64(layer.bias) if layer.bias is not None else None
+            b = layer.bias64 if layer.bias is not None else None
             weight, bias = scale_input_channels(w, b, affine, layer.layout, layer.groups, padded=padded)
         weight, bias = self.round(weight, layer), self.round(bias, layer)
         target = _node_id(node)
@@ -462,7 +484,7 @@ class GraphPass:
         rank = layer.out_rank
         if rank is None:
             raise FoldRefused("unknown output rank")
-        channels = output_channels(to_torch64(layer.weight), layer.layout, layer.groups)
+        channels = output_channels(layer.weight64, layer.layout, layer.groups)
         if const.ndim > rank:
             raise FoldRefused("constant has more axes than the tensor")
         shape = (1,) * (rank - const.ndim) + tuple(const.shape)
@@ -555,7 +577,9 @@ class GraphPass:
             for bn, entry in sites:
                 if entry.action == KEPT and self.try_fold(bn, entry):
                     changed = True
+                self._rounded.clear()  # results of refused attempts
             for node in list(self.index.graph.node):
                 if node.op_type in _DECOMPOSED and self.fold_decomposed(node):
                     changed = True
+                self._rounded.clear()
         self.entries.extend(entry for _, entry in sites)
