@@ -85,7 +85,8 @@ _allow_option = click.option(
 _unsafe_option = click.option(
     "--unsafe-pickle",
     is_flag=True,
-    help="Allow a whole pickled module: loading it RUNS CODE from the file. Only for files you trust.",
+    help="Allow files whose loading RUNS CODE from them (pickled modules, TorchScript, torch.export .pt2). "
+    "Only for files you trust.",
 )
 
 
@@ -201,6 +202,7 @@ def inspect(
 @_arch_option
 @_kwargs_option
 @_shape_option
+@_unsafe_option
 @click.option("--runtime", "runtimes", multiple=True, help="torch-cpu, torch-cuda, ort-cpu, ort-cuda, ort-tensorrt.")
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help="Inputs as .npy or .npz.")
 @click.option("--rtol", type=float, help="Relative tolerance (default by dtype).")
@@ -212,6 +214,7 @@ def verify_command(
     arch: str | None,
     arch_kwargs: str | None,
     input_shapes: tuple[str, ...],
+    unsafe_pickle: bool,
     runtimes: tuple[str, ...],
     inputs_path: str | None,
     rtol: float | None,
@@ -226,8 +229,8 @@ def verify_command(
     from bnfold.verify import verify
 
     kwargs = _arch_kwargs(arch_kwargs)
-    ref = load_detailed(reference, arch, kwargs)
-    cand = load_detailed(candidate, arch, kwargs)
+    ref = load_detailed(reference, arch, kwargs, unsafe_pickle=unsafe_pickle)
+    cand = load_detailed(candidate, arch, kwargs, unsafe_pickle=unsafe_pickle)
     shapes = _shapes(input_shapes) or ([ref.input_shape] if ref.input_shape else None)
     result = verify(
         ref.model,
@@ -262,6 +265,7 @@ def _read_inputs(path: str | None) -> list | None:
 @_arch_option
 @_kwargs_option
 @_shape_option
+@_unsafe_option
 @click.option("--runtime", "runtimes", multiple=True, help="torch-cpu, torch-cuda, ort-cpu, ort-cpu-opt, ort-cuda, ...")
 @click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="Repeatable; default 1.")
 @click.option("--warmup", default=10, show_default=True, help="Untimed calls first.")
@@ -273,6 +277,7 @@ def bench_command(
     arch: str | None,
     arch_kwargs: str | None,
     input_shapes: tuple[str, ...],
+    unsafe_pickle: bool,
     runtimes: tuple[str, ...],
     batch_sizes: tuple[int, ...],
     warmup: int,
@@ -290,7 +295,7 @@ def bench_command(
     shapes = _shapes(input_shapes)
     results = []
     for label, path in zip(("original", "folded"), models, strict=False):
-        loaded = load_detailed(path, arch, kwargs)
+        loaded = load_detailed(path, arch, kwargs, unsafe_pickle=unsafe_pickle)
         shape = shapes[0] if shapes else loaded.input_shape
         results.append(
             benchmark(

@@ -30,6 +30,12 @@ from bnfold.onnx_fold import load_onnx
 
 __all__ = ["Loaded", "load", "load_detailed"]
 
+# Formats whose loader can run code from the file: refused unless the user opts in.
+_CODE_FORMATS = {
+    "torchscript": "a TorchScript archive, whose code is compiled and run when it loads and runs",
+    "torch-export": "a torch.export program, parts of which torch unpickles without restriction (this can run code)",
+}
+
 
 @dataclasses.dataclass
 class Loaded:
@@ -78,15 +84,16 @@ def load_detailed(
             torch.export program (.pt2) or ONNX file.
         arch: Zoo name or ``package.module:callable`` for bare weights.
         arch_kwargs: Keyword arguments for ``arch``.
-        unsafe_pickle: Allow a whole pickled module, which runs code from the
-            file when loaded. Only for files you trust.
+        unsafe_pickle: Allow formats whose loading can run code from the file:
+            a whole pickled module, a TorchScript archive, a torch.export
+            program. Only for files you trust.
 
     Returns:
         The model and what is known about it.
 
     Raises:
         BnfoldError: Unreadable file, missing ``--arch``, weights that do not
-            match it, or a pickled module without ``unsafe_pickle``.
+            match it, or a format that can run code without ``unsafe_pickle``.
     """
     p = Path(path)
     kwargs = dict(arch_kwargs or {})
@@ -108,6 +115,10 @@ def load_detailed(
             model = rebuild_folded(arch, kwargs, json.loads(meta["replaced"]), state, str(p))
             return Loaded(model, "bnfold-folded", arch, kwargs, _zoo_shape(arch))
         return _with_arch(p, state, arch, kwargs, fmt)
+    if fmt in _CODE_FORMATS and not unsafe_pickle:
+        raise BnfoldError(
+            f"{p}: {_CODE_FORMATS[fmt]}; pass --unsafe-pickle (unsafe_pickle=True) only for a file you trust"
+        )
     if fmt == "torchscript":
         try:
             return Loaded(torch.jit.load(str(p), map_location="cpu").eval(), fmt)

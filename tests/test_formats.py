@@ -53,7 +53,9 @@ def test_torchscript_archive_is_folded_by_freezing(tmp_path, model):
     torch.jit.save(torch.jit.script(model), str(path))
     assert detect_format(path) == "torchscript"
     out = tmp_path / "frozen.pt"
-    result = _fold(path, "-o", out, "--input-shape", "2,1,8,8", "--verify")
+    refused = _fold(path, "-o", out, "--input-shape", "2,1,8,8")
+    assert refused.exit_code == 2 and "--unsafe-pickle" in refused.output and not out.exists()
+    result = _fold(path, "-o", out, "--input-shape", "2,1,8,8", "--verify", "--unsafe-pickle")
     assert result.exit_code == 0, result.output
     x = zoo.example_input("resnet-tiny")
     frozen = torch.jit.load(str(out))
@@ -67,12 +69,14 @@ def test_torch_export_program_to_onnx_and_pt2(tmp_path, model):
     assert detect_format(path) == "torch-export"
     import json
 
-    result = _fold(path, "-o", tmp_path / "m.onnx", "--verify")
+    refused = _fold(path, "-o", tmp_path / "m.onnx")
+    assert refused.exit_code == 2 and "unpickles" in refused.output and "--unsafe-pickle" in refused.output
+    result = _fold(path, "-o", tmp_path / "m.onnx", "--verify", "--unsafe-pickle")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["bn_left_in_output"] == 0 and summary["verify"]["passed"]
     assert summary["method"] == "torch.export" and summary["bn_folded"] == 6
-    pt2 = _fold(path, "-o", tmp_path / "m.pt2", "--verify")
+    pt2 = _fold(path, "-o", tmp_path / "m.pt2", "--verify", "--unsafe-pickle")
     assert pt2.exit_code == 0, pt2.output
     program = torch.export.load(str(tmp_path / "m.pt2"))
     assert "batch_norm" not in str(program.graph)
