@@ -98,6 +98,7 @@ class VerifyResult:
     runtimes: list[RuntimeCheck]
     reference_error: list[OutputCheck]
     notes: list[str] = dataclasses.field(default_factory=list)
+    atol_scaled: bool = True  # atol is a fraction of max|truth| (the default) rather than absolute
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -106,6 +107,7 @@ class VerifyResult:
             "dtype": self.dtype,
             "rtol": self.rtol,
             "atol": self.atol,
+            "atol_scaled": self.atol_scaled,
             "draws": self.draws,
             "runtimes": [r.to_dict() for r in self.runtimes],
             "reference_error": [o.to_dict() for o in self.reference_error],
@@ -129,7 +131,8 @@ class VerifyResult:
         lines.extend(f"note: {n}" for n in self.notes)
         verdict = "PASS" if self.passed else "MISMATCH"
         lines.append(
-            f"{verdict}: {self.dtype} tolerances rtol={self.rtol:g}, atol={self.atol:g} x max|truth|, "
+            f"{verdict}: {self.dtype} tolerances rtol={self.rtol:g}, atol={self.atol:g}"
+            f"{' x max|truth|' if self.atol_scaled else ''}, "
             f"{self.draws} input draw(s)"
         )
         return "\n".join(lines)
@@ -462,6 +465,7 @@ def verify(
         dtype=dtype,
         rtol=rtol,
         atol=atol if atol is not None else atol_factor,
+        atol_scaled=atol is None,
         draws=len(batches),
         runtimes=checks_by_runtime,
         reference_error=reference_error or [],
