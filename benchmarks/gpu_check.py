@@ -19,7 +19,7 @@ import torch
 import bnfold
 from bnfold import zoo
 from bnfold.bench import benchmark, compare
-from bnfold.pipeline import _preserve_bn_onnx
+from bnfold.export import export_keeping_bn
 
 warnings.filterwarnings("ignore")
 
@@ -65,7 +65,7 @@ def main() -> None:
                 ok &= check.passed
                 entry["verify_ort_cuda"] = check.to_dict()
                 print(f"{name}: ort-cuda verify {'pass' if check.passed else 'FAIL'}")
-                original = _preserve_bn_onnx(model, (x,))
+                original = export_keeping_bn(model, (x,))
                 cmp = compare(
                     benchmark(original, runtimes=("ort-cuda",), **kw), benchmark(path, runtimes=("ort-cuda",), **kw)
                 )

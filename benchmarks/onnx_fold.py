@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import os
 import statistics
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 
 from bnfold import zoo
+from bnfold.export import export_keeping_bn
 from bnfold.onnx_eval import run_ort
 from bnfold.onnx_fold import fold_onnx
 
@@ -68,20 +68,6 @@ def resnet50() -> nn.Module:
             cin = width * 4
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 1000)]
     return nn.Sequential(*layers)
-
-
-def _export(model: nn.Module, x: torch.Tensor) -> bytes:
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        model,
-        (x,),
-        buffer,
-        training=torch.onnx.TrainingMode.PRESERVE,
-        dynamo=False,
-        input_names=["x"],
-        do_constant_folding=False,
-    )
-    return buffer.getvalue()
 
 
 def _bnfold(src: str, dst: str) -> None:
@@ -143,7 +129,7 @@ def _measure(tool, src: str, dst: str, x: np.ndarray, truth: np.ndarray, repeats
             times.append(time.perf_counter() - start)
         model = onnx.load(dst)
         left = sum(n.op_type == "BatchNormalization" for n in model.graph.node)
-        got = run_ort(dst, {"x": x})[0]
+        got = run_ort(dst, {"input": x})[0]
         err = float(np.abs(got - truth).max() / np.abs(truth).max())
     except Exception as error:  # noqa: BLE001 - a tool failing is a result
         return {"error": f"{type(error).__name__}: {str(error)[:120]}"}
@@ -166,7 +152,7 @@ def main() -> None:
             model = zoo.randomize_batchnorm(model, seed=2).eval()
             src = os.path.join(tmp, f"{name}.onnx")
             with open(src, "wb") as f:
-                f.write(_export(model, x))
+                f.write(export_keeping_bn(model, x).SerializeToString())
             with torch.no_grad():
                 truth = copy.deepcopy(model).double()(x.double()).numpy()
             bn = sum(n.op_type == "BatchNormalization" for n in onnx.load(src).graph.node)
@@ -174,7 +160,9 @@ def main() -> None:
                 "model": name,
                 "bn": bn,
                 "size_mb": os.path.getsize(src) / 2**20,
-                "original_err": float(np.abs(run_ort(src, {"x": x.numpy()})[0] - truth).max() / np.abs(truth).max()),
+                "original_err": float(
+                    np.abs(run_ort(src, {"input": x.numpy()})[0] - truth).max() / np.abs(truth).max()
+                ),
             }
             for tool_name, tool in TOOLS.items():
                 row[tool_name] = _measure(

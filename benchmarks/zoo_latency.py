@@ -17,7 +17,7 @@ import torch
 import bnfold
 from bnfold import zoo
 from bnfold.bench import benchmark, compare
-from bnfold.pipeline import _preserve_bn_onnx
+from bnfold.export import export_keeping_bn
 
 warnings.filterwarnings("ignore")
 
@@ -32,7 +32,7 @@ def main() -> None:
     rows = []
     warm = zoo.build("resnet-tiny").eval()  # a throwaway round: the first timings of a process run slow
     benchmark(warm, input_shape=(2, 1, 8, 8), iterations=300, progress=False)
-    benchmark(_preserve_bn_onnx(warm, (zoo.example_input("resnet-tiny"),)), iterations=300, progress=False)
+    benchmark(export_keeping_bn(warm, (zoo.example_input("resnet-tiny"),)), iterations=300, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         for name in zoo.ZOO:
             model = zoo.randomize_batchnorm(zoo.build(name), seed=1).eval()
@@ -50,7 +50,7 @@ def main() -> None:
             }
             pairs = [  # ONNX Runtime first: torch's OpenMP threads keep spinning a while after torch runs
                 (
-                    benchmark(_preserve_bn_onnx(model, (x,)), runtimes=("ort-cpu", "ort-cpu-opt"), **kw),
+                    benchmark(export_keeping_bn(model, (x,)), runtimes=("ort-cpu", "ort-cpu-opt"), **kw),
                     benchmark(path, runtimes=("ort-cpu", "ort-cpu-opt"), **kw),
                 ),
                 (benchmark(model, **kw), benchmark(folded, **kw)),

@@ -62,29 +62,17 @@ def error_stats(candidate: torch.Tensor | np.ndarray, reference: torch.Tensor | 
     )
 
 
-def _first_output(output: object) -> torch.Tensor:
-    while isinstance(output, tuple | list):
-        output = output[0]
-    if isinstance(output, dict):
-        output = next(iter(output.values()))
-    if not isinstance(output, torch.Tensor):
-        raise TypeError(f"model returned {type(output).__name__}, not a tensor")
-    return output
-
-
 def fold_error(original: torch.nn.Module, folded: torch.nn.Module, inputs: tuple) -> ErrorStats:
-    """Error of ``folded`` (in its own dtype) against ``original`` evaluated in float64.
+    """Error of ``folded`` (in its own dtype) against ``original`` evaluated in float64, on the first output.
 
     Args:
         original: The unfolded model; a float64 copy of it is the truth.
-        folded: The folded model, run as it is.
+        folded: The folded model, run in its own dtype.
         inputs: Example inputs (floating tensors are cast to each model's dtype).
     """
-    import copy
+    from bnfold.runtimes import run_torch, run_torch64
 
-    truth_model = copy.deepcopy(original).eval().double()
-    dtype = next((p.dtype for p in folded.parameters() if p.is_floating_point()), torch.float32)
-    with torch.no_grad():
-        truth = _first_output(truth_model(*[x.double() if x.is_floating_point() else x for x in inputs]))
-        got = _first_output(folded.eval()(*[x.to(dtype) if x.is_floating_point() else x for x in inputs]))
-    return error_stats(got, truth)
+    arrays = [
+        x.detach().cpu().float().numpy() if x.dtype == torch.bfloat16 else x.detach().cpu().numpy() for x in inputs
+    ]
+    return error_stats(run_torch(folded, arrays)[0], run_torch64(original, arrays)[0])

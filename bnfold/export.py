@@ -22,7 +22,7 @@ from bnfold.onnx_eval import run_ort
 from bnfold.onnx_fold import fold_onnx, save_onnx
 from bnfold.report import FoldReport
 
-__all__ = ["ExportResult", "export_onnx"]
+__all__ = ["ExportResult", "export_keeping_bn", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,14 +89,29 @@ def _dynamo(model: nn.Module, inputs: tuple, opset: int | None, dynamic_batch: b
     return program.model_proto
 
 
-def _torchscript(model: nn.Module, inputs: tuple, opset: int | None, dynamic_batch: bool) -> onnx.ModelProto:
+def _torchscript(
+    model: nn.Module, inputs: tuple, opset: int | None, dynamic_batch: bool, keep_bn: bool = False
+) -> onnx.ModelProto:
     names = _names(inputs)
     axes = {name: {0: "batch"} for name in names} if dynamic_batch else None
     buffer = io.BytesIO()
+    # PRESERVE keeps every BatchNormalization node (the eval-mode export fuses Conv+BN itself)
+    mode = {"training": torch.onnx.TrainingMode.PRESERVE, "do_constant_folding": False} if keep_bn else {}
     torch.onnx.export(
-        model, inputs, buffer, dynamo=False, opset_version=opset or 17, input_names=names, dynamic_axes=axes
+        model, inputs, buffer, dynamo=False, opset_version=opset or 17, input_names=names, dynamic_axes=axes, **mode
     )
     return onnx.load_from_string(buffer.getvalue())
+
+
+def export_keeping_bn(model: nn.Module, example_inputs: Any, *, dynamic_batch: bool = True) -> onnx.ModelProto:
+    """Export ``model`` (in eval mode) to ONNX with every BN kept as a BatchNormalization node.
+
+    The baseline for timing a fold in ONNX Runtime, and the input the ONNX pass's
+    tests and benchmarks fold. Inputs are named ``input`` (``input_<i>`` for several).
+    """
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    with _quiet(), torch.no_grad():
+        return _torchscript(model.eval(), inputs, None, dynamic_batch, keep_bn=True)
 
 
 def _feeds(model: onnx.ModelProto, inputs: tuple) -> dict[str, np.ndarray]:

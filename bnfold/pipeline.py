@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from torch import nn
 from bnfold.bench import benchmark, compare
 from bnfold.checkpoint import save_folded
 from bnfold.errors import BnfoldError
-from bnfold.export import export_onnx
+from bnfold.export import export_keeping_bn, export_onnx
 from bnfold.io import atomic_write
 from bnfold.loading import Loaded, load_detailed
 from bnfold.onnx_fold import fold_onnx, save_onnx
@@ -109,24 +107,6 @@ def _check_var(var: torch.Tensor, where: str) -> None:
         raise BnfoldError(f"{where} has a non-finite running_var")
     if (var < 0).any():
         raise BnfoldError(f"{where} has a negative running_var")
-
-
-def _preserve_bn_onnx(model: nn.Module, inputs: tuple) -> onnx.ModelProto:
-    """The original exported with every BN kept, so ONNX Runtime can be timed before folding."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            inputs,
-            buffer,
-            dynamo=False,
-            training=torch.onnx.TrainingMode.PRESERVE,
-            input_names=["input"],
-            dynamic_axes={"input": {0: "batch"}},
-            do_constant_folding=False,
-        )
-    return onnx.load_from_string(buffer.getvalue())
 
 
 def _save_torch(output: Path, folded: nn.Module, report: FoldReport, loaded: Loaded, inputs: tuple | None) -> None:
@@ -273,7 +253,7 @@ def run_pipeline(
             raise BnfoldError("--bench needs an input shape (--input-shape)")
         shape = tuple(inputs[0].shape)
         if exported is not None:
-            original = _preserve_bn_onnx(model, inputs)
+            original = export_keeping_bn(model, inputs)
             result.notes.append("bench baseline: the original exported by the TorchScript exporter with every BN kept")
             before = benchmark(
                 original, input_shape=shape, iterations=bench_iterations, label="original (BN kept)", progress=False

@@ -97,17 +97,13 @@ def test_demo_and_zoo_commands():
 
 
 def test_fold_onnx_file(tmp_path):
-    import io
-
     import onnx
 
+    from bnfold.export import export_keeping_bn
+
     model = randomized(zoo.build("cnn-bn"))
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        model, (zoo.example_input("cnn-bn"),), buffer, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE
-    )
     src = tmp_path / "model.bin"  # a misleading suffix: the content decides
-    src.write_bytes(buffer.getvalue())
+    src.write_bytes(export_keeping_bn(model, zoo.example_input("cnn-bn")).SerializeToString())
     out, report = tmp_path / "folded.onnx", tmp_path / "r.json"
     result = _run("fold", src, "-o", out, "--report", report, "--json")
     assert result.exit_code == 0, result.output

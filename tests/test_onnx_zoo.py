@@ -1,13 +1,12 @@
 """Zoo models exported by torch.onnx with every BN kept, then folded by the ONNX pass."""
 
-import io
-
 import numpy as np
 import onnx
 import pytest
 import torch
 
 from bnfold import zoo
+from bnfold.export import export_keeping_bn
 from bnfold.onnx_eval import reference_float64, run_ort
 from bnfold.onnx_fold import fold_onnx
 
@@ -15,17 +14,7 @@ from bnfold.onnx_fold import fold_onnx
 def _export(name):
     model = zoo.randomize_batchnorm(zoo.build(name), seed=5).eval()
     x = zoo.example_input(name, batch=3)
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        model,
-        (x,),
-        buffer,
-        training=torch.onnx.TrainingMode.PRESERVE,
-        dynamo=False,
-        input_names=["x"],
-        do_constant_folding=False,
-    )
-    return onnx.load_from_string(buffer.getvalue()), x.numpy()
+    return export_keeping_bn(model, x), x.numpy()
 
 
 @pytest.mark.parametrize("name", list(zoo.ZOO))
@@ -37,9 +26,9 @@ def test_exported_zoo_model_folds_every_bn(name):
     onnx.checker.check_model(folded, full_check=True)
     assert report.bn_total == bn_nodes and report.bn_kept == 0, str(report)
     assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
-    truth = reference_float64(model, {"x": x})[0]
-    own = np.abs(run_ort(model, {"x": x})[0] - truth).max()
-    err = np.abs(run_ort(folded, {"x": x})[0] - truth).max()
+    truth = reference_float64(model, {"input": x})[0]
+    own = np.abs(run_ort(model, {"input": x})[0] - truth).max()
+    err = np.abs(run_ort(folded, {"input": x})[0] - truth).max()
     assert err <= max(2e-5 * np.abs(truth).max(), 3 * own)
 
 

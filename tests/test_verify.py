@@ -14,7 +14,7 @@ import bnfold
 from bnfold import zoo
 from bnfold.cli import main
 from bnfold.errors import BnfoldError
-from bnfold.export import export_onnx
+from bnfold.export import export_keeping_bn, export_onnx
 from bnfold.verify import verify
 
 
@@ -47,11 +47,7 @@ def test_planted_wrong_fold_is_caught_and_localised():
 def test_onnx_candidate_localised_by_node(tmp_path):
     model = randomized(zoo.build("cnn-bn"))
     x = zoo.example_input("cnn-bn")
-    import io
-
-    buffer = io.BytesIO()
-    torch.onnx.export(model, (x,), buffer, dynamo=False, training=torch.onnx.TrainingMode.PRESERVE, input_names=["x"])
-    original = onnx.load_from_string(buffer.getvalue())
+    original = export_keeping_bn(model, x)
     folded, _ = bnfold.fold_onnx(original)
     assert verify(original, folded).passed
     conv = next(n for n in folded.graph.node if n.op_type == "Conv")

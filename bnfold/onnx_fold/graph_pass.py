@@ -346,13 +346,7 @@ class GraphPass:
             start = stop
         if start != affine.channels:
             raise FoldRefused(f"the Concat has {start} channels but BN has {affine.channels}")
-        targets = [_node_id(layer.node) for layer in layers]
-        for layer, weight, bias in staged:
-            self.write_weight(layer, weight, notes)
-            self.write_bias(layer, bias)
-        concat.output[0] = bn.output[0]
-        self.remove(bn)
-        return targets
+        return self.replace_with_producers(bn, concat, staged, notes)
 
     def sum_producers(self, bn: onnx.NodeProto, add: onnx.NodeProto, affine: Affine, notes: list[str]) -> list[str]:
         """BN(a + b) = s*a + (s*b + t): scale both layers, give the first one the shift."""
@@ -375,11 +369,17 @@ class GraphPass:
         ranks = {layer.out_rank for layer, _, _ in staged} | {self.index.ranks.get(v) for v in add.input}
         if len(ranks - {None}) != 1 or any(layer.out_rank is None for layer, _, _ in staged):
             raise FoldRefused(f"{_label(add)} adds tensors of different or unknown ranks (channels may not align)")
+        return self.replace_with_producers(bn, add, staged, notes)
+
+    def replace_with_producers(
+        self, bn: onnx.NodeProto, joint: onnx.NodeProto, staged: list[tuple], notes: list[str]
+    ) -> list[str]:
+        """Write each producer's folded weights; the Concat/Add then writes what BN wrote."""
         targets = [_node_id(layer.node) for layer, _, _ in staged]
         for layer, weight, bias in staged:
             self.write_weight(layer, weight, notes)
             self.write_bias(layer, bias)
-        add.output[0] = bn.output[0]
+        joint.output[0] = bn.output[0]
         self.remove(bn)
         return targets
 
