@@ -88,6 +88,12 @@ _unsafe_option = click.option(
     help="Allow files whose loading RUNS CODE from them (pickled modules, TorchScript, torch.export .pt2). "
     "Only for files you trust.",
 )
+_trust_option = click.option(
+    "--trust-arch",
+    is_flag=True,
+    help="Build the package.module:callable that a bnfold checkpoint names (IMPORTS AND RUNS that code). "
+    "Without it such a file needs --arch naming the same code; zoo architectures need neither.",
+)
 
 
 def _shapes(texts: tuple[str, ...]) -> list[tuple[int, ...]] | None:
@@ -110,6 +116,7 @@ def _stage(quiet: bool) -> Callable[[str], None]:
 @_shape_option
 @_allow_option
 @_unsafe_option
+@_trust_option
 @click.option("--verify", "do_verify", is_flag=True, help="Check the result against the original in float64.")
 @click.option("--bench", "do_bench", is_flag=True, help="Time the original and the result.")
 @click.option("--simplify", is_flag=True, help="Run onnx-simplifier on an ONNX output (kept only if it verifies).")
@@ -125,6 +132,7 @@ def fold(
     input_shapes: tuple[str, ...],
     allow_initializer_inputs: bool,
     unsafe_pickle: bool,
+    trust_arch: bool,
     do_verify: bool,
     do_bench: bool,
     simplify: bool,
@@ -151,6 +159,7 @@ def fold(
         arch_kwargs=_arch_kwargs(arch_kwargs),
         input_shapes=_shapes(input_shapes),
         unsafe_pickle=unsafe_pickle,
+        trust_arch=trust_arch,
         allow_initializer_inputs=allow_initializer_inputs,
         do_verify=do_verify,
         do_bench=do_bench,
@@ -171,6 +180,7 @@ def fold(
 @_shape_option
 @_allow_option
 @_unsafe_option
+@_trust_option
 @_json_option
 def inspect(
     model_path: str,
@@ -179,6 +189,7 @@ def inspect(
     input_shapes: tuple[str, ...],
     allow_initializer_inputs: bool,
     unsafe_pickle: bool,
+    trust_arch: bool,
     as_json: bool,
 ) -> None:
     """List every BN of MODEL and whether (or why not) it would fold. Writes nothing."""
@@ -191,6 +202,7 @@ def inspect(
         arch_kwargs=_arch_kwargs(arch_kwargs),
         input_shapes=_shapes(input_shapes),
         unsafe_pickle=unsafe_pickle,
+        trust_arch=trust_arch,
         allow_initializer_inputs=allow_initializer_inputs,
     )
     _emit(as_json, False, result.report.to_dict(), str(result.report))
@@ -203,6 +215,7 @@ def inspect(
 @_kwargs_option
 @_shape_option
 @_unsafe_option
+@_trust_option
 @click.option("--runtime", "runtimes", multiple=True, help="torch-cpu, torch-cuda, ort-cpu, ort-cuda, ort-tensorrt.")
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help="Inputs as .npy or .npz.")
 @click.option("--rtol", type=float, help="Relative tolerance (default by dtype).")
@@ -215,6 +228,7 @@ def verify_command(
     arch_kwargs: str | None,
     input_shapes: tuple[str, ...],
     unsafe_pickle: bool,
+    trust_arch: bool,
     runtimes: tuple[str, ...],
     inputs_path: str | None,
     rtol: float | None,
@@ -229,8 +243,8 @@ def verify_command(
     from bnfold.verify import verify
 
     kwargs = _arch_kwargs(arch_kwargs)
-    ref = load_detailed(reference, arch, kwargs, unsafe_pickle=unsafe_pickle)
-    cand = load_detailed(candidate, arch, kwargs, unsafe_pickle=unsafe_pickle)
+    ref = load_detailed(reference, arch, kwargs, unsafe_pickle=unsafe_pickle, trust_arch=trust_arch)
+    cand = load_detailed(candidate, arch, kwargs, unsafe_pickle=unsafe_pickle, trust_arch=trust_arch)
     shapes = _shapes(input_shapes) or ([ref.input_shape] if ref.input_shape else None)
     result = verify(
         ref.model,
@@ -266,6 +280,7 @@ def _read_inputs(path: str | None) -> list | None:
 @_kwargs_option
 @_shape_option
 @_unsafe_option
+@_trust_option
 @click.option("--runtime", "runtimes", multiple=True, help="torch-cpu, torch-cuda, ort-cpu, ort-cpu-opt, ort-cuda, ...")
 @click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="Repeatable; default 1.")
 @click.option("--warmup", default=10, show_default=True, help="Untimed calls first.")
@@ -278,6 +293,7 @@ def bench_command(
     arch_kwargs: str | None,
     input_shapes: tuple[str, ...],
     unsafe_pickle: bool,
+    trust_arch: bool,
     runtimes: tuple[str, ...],
     batch_sizes: tuple[int, ...],
     warmup: int,
@@ -295,7 +311,7 @@ def bench_command(
     shapes = _shapes(input_shapes)
     results = []
     for label, path in zip(("original", "folded"), models, strict=False):
-        loaded = load_detailed(path, arch, kwargs, unsafe_pickle=unsafe_pickle)
+        loaded = load_detailed(path, arch, kwargs, unsafe_pickle=unsafe_pickle, trust_arch=trust_arch)
         shape = shapes[0] if shapes else loaded.input_shape
         results.append(
             benchmark(

@@ -67,10 +67,10 @@ def detect_format(path: str | os.PathLike) -> str:
         if kind is None:
             raise BnfoldError(f"{p}: a zip archive that is no PyTorch checkpoint (or it is truncated)")
         return kind
+    if _is_safetensors(p, head):  # first: a header length such as 0x180 starts with the pickle byte 0x80
+        return "safetensors"
     if head[:1] == b"\x80":
         return "pickle"
-    if _is_safetensors(p, head):
-        return "safetensors"
     if head[:1] in _ONNX_FIRST_BYTES:
         return "onnx"
     raise BnfoldError(f"{p}: neither a PyTorch checkpoint, safetensors, TorchScript, torch.export nor ONNX file")

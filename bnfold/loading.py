@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import types
 from pathlib import Path
@@ -15,18 +14,17 @@ from torch import nn
 
 from bnfold import zoo
 from bnfold.checkpoint import (
-    FOLDED_FORMAT,
-    TRAINED_FORMAT,
-    build_arch,
-    load_folded,
+    build_for_state,
     load_into,
     read_checkpoint,
     rebuild_folded,
+    working_directory_importable,
 )
 from bnfold.checkpoint import state_dict_from as _state_dict_from
 from bnfold.errors import BnfoldError
 from bnfold.formats import detect_format
 from bnfold.onnx_fold import load_onnx
+from bnfold.recipe import FOLDED_FORMAT, choose_arch, parse_recipe
 
 __all__ = ["Loaded", "load", "load_detailed"]
 
@@ -65,8 +63,20 @@ def _with_arch(
 ) -> Loaded:
     if not arch:
         raise BnfoldError(f"{path}: a bare state_dict needs --arch (a zoo name or package.module:callable)")
-    model = load_into(build_arch(arch, kwargs), state, str(path)).eval()
+    model = load_into(build_for_state(arch, kwargs, state, str(path)), state, str(path)).eval()
     return Loaded(model, fmt, arch, kwargs, _zoo_shape(arch))
+
+
+def _self_describing(path: Path, raw: dict[str, Any], state: dict[str, torch.Tensor], choice: dict[str, Any]) -> Loaded:
+    """A bnfold folded or trainer file: its recipe read as data, code built only as :func:`choose_arch` allows."""
+    recipe = parse_recipe(raw, str(path))
+    arch, kwargs = choose_arch(recipe, str(path), **choice)
+    if recipe.format == FOLDED_FORMAT:
+        model = rebuild_folded(arch, kwargs, recipe.replaced, state, str(path))
+        return Loaded(model, "bnfold-folded", arch, kwargs, _zoo_shape(arch))
+    loaded = _with_arch(path, state, arch, kwargs, "bnfold-trained")
+    loaded.input_shape = (2, *recipe.input_shape) if recipe.input_shape else loaded.input_shape
+    return loaded
 
 
 def load_detailed(
@@ -75,6 +85,7 @@ def load_detailed(
     arch_kwargs: dict[str, Any] | None = None,
     *,
     unsafe_pickle: bool = False,
+    trust_arch: bool = False,
 ) -> Loaded:
     """Load a model file of any supported format (detected from its content).
 
@@ -82,21 +93,27 @@ def load_detailed(
         path: bnfold trainer or folded checkpoint, state_dict (.pt/.pth/.bin,
             nested or DDP-prefixed), safetensors, TorchScript archive,
             torch.export program (.pt2) or ONNX file.
-        arch: Zoo name or ``package.module:callable`` for bare weights.
+        arch: Zoo name or ``package.module:callable`` for bare weights; for
+            bnfold's own files it replaces the architecture the file names.
         arch_kwargs: Keyword arguments for ``arch``.
         unsafe_pickle: Allow formats whose loading can run code from the file:
             a whole pickled module, a TorchScript archive, a torch.export
             program. Only for files you trust.
+        trust_arch: Build the ``package.module:callable`` that a bnfold file's
+            recipe names (imports and runs that code). Without it such a file
+            needs ``arch`` naming the code; zoo architectures need neither.
 
     Returns:
         The model and what is known about it.
 
     Raises:
         BnfoldError: Unreadable file, missing ``--arch``, weights that do not
-            match it, or a format that can run code without ``unsafe_pickle``.
+            match it, a format that can run code without ``unsafe_pickle``, or
+            a recipe naming code without ``arch``/``trust_arch``.
     """
     p = Path(path)
     kwargs = dict(arch_kwargs or {})
+    choice = {"arch": arch, "arch_kwargs": arch_kwargs, "trust_arch": trust_arch}
     fmt = detect_format(p)
     if fmt == "onnx":
         return Loaded(load_onnx(p), fmt)
@@ -110,10 +127,8 @@ def load_detailed(
                 meta = handle.metadata() or {}
         except (SafetensorError, OSError, ValueError) as error:
             raise BnfoldError(f"{p}: not a readable safetensors file ({error})") from None
-        if meta.get("format") == FOLDED_FORMAT:
-            arch, kwargs = meta["arch"], json.loads(meta["arch_kwargs"])
-            model = rebuild_folded(arch, kwargs, json.loads(meta["replaced"]), state, str(p))
-            return Loaded(model, "bnfold-folded", arch, kwargs, _zoo_shape(arch))
+        if str(meta.get("format", "")).startswith("bnfold."):
+            return _self_describing(p, meta, state, choice)
         return _with_arch(p, state, arch, kwargs, fmt)
     if fmt in _CODE_FORMATS and not unsafe_pickle:
         raise BnfoldError(
@@ -136,22 +151,24 @@ def load_detailed(
         module.train = types.MethodType(lambda self, mode=True: self, module)
         module.eval = types.MethodType(lambda self: self, module)
         return Loaded(module, fmt, input_shape=shape)
-    if unsafe_pickle:
-        obj = torch.load(p, map_location="cpu", weights_only=False)
-        if isinstance(obj, nn.Module):
-            return Loaded(obj.eval(), "pickle")
-    else:
-        obj = read_checkpoint(p)
-    if isinstance(obj, dict) and obj.get("format") == FOLDED_FORMAT:
-        folded = load_folded(p)
-        arch = obj["arch"]
-        return Loaded(folded, "bnfold-folded", arch, json.loads(obj["arch_kwargs"]), _zoo_shape(arch))
-    if isinstance(obj, dict) and obj.get("format") == TRAINED_FORMAT:
-        arch, kwargs = obj["arch"], json.loads(obj["arch_kwargs"])
-        loaded = _with_arch(p, obj["state_dict"], arch, kwargs, "bnfold-trained")
-        loaded.input_shape = (2, *obj["input_shape"])
-        return loaded
+    obj = _unpickle(p) if unsafe_pickle else read_checkpoint(p)
+    if isinstance(obj, nn.Module):
+        return Loaded(obj.eval(), "pickle")
+    if isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"].startswith("bnfold."):
+        return _self_describing(p, obj, _state_dict_from(obj, p), choice)
     return _with_arch(p, _state_dict_from(obj, p), arch, kwargs, "state_dict")
+
+
+def _unpickle(path: Path) -> Any:
+    """``torch.load`` without restrictions (the user opted in): classes may live in the working directory."""
+    try:
+        with working_directory_importable():
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as error:
+        raise BnfoldError(f"{path}: the pickled model needs code that cannot be found ({error})") from None
+    except Exception as error:  # noqa: BLE001 - unpickling runs arbitrary code and fails in many ways
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise BnfoldError(f"{path}: not a readable pickled model ({type(error).__name__}: {first})") from None
 
 
 def load(
@@ -160,6 +177,7 @@ def load(
     arch_kwargs: dict[str, Any] | None = None,
     *,
     unsafe_pickle: bool = False,
+    trust_arch: bool = False,
 ) -> nn.Module | onnx.ModelProto:
-    """Load a model file; see :func:`load_detailed` for the formats and errors."""
-    return load_detailed(path, arch, arch_kwargs, unsafe_pickle=unsafe_pickle).model
+    """Load a model file; see :func:`load_detailed` for the formats, options and errors."""
+    return load_detailed(path, arch, arch_kwargs, unsafe_pickle=unsafe_pickle, trust_arch=trust_arch).model

@@ -146,6 +146,7 @@ def run_pipeline(
     arch_kwargs: dict[str, Any] | None = None,
     input_shapes: list[tuple[int, ...]] | None = None,
     unsafe_pickle: bool = False,
+    trust_arch: bool = False,
     allow_initializer_inputs: bool = False,
     do_verify: bool = False,
     do_bench: bool = False,
@@ -162,6 +163,7 @@ def run_pipeline(
         arch_kwargs: Its keyword arguments.
         input_shapes: Input shapes where the file does not say.
         unsafe_pickle: Allow whole pickled modules (runs code from the file).
+        trust_arch: Build the code a bnfold file's recipe names (see :func:`bnfold.load`).
         allow_initializer_inputs: See :func:`bnfold.fold_onnx`.
         do_verify: Compare the result with the original against float64.
         do_bench: Time the original and the result.
@@ -181,7 +183,7 @@ def run_pipeline(
             f"{out}: unsupported output suffix {out.suffix or '(none)'}; use {', '.join(OUTPUT_SUFFIXES)}"
         )
     stage("load")
-    loaded = load_detailed(path, arch, arch_kwargs, unsafe_pickle=unsafe_pickle)
+    loaded = load_detailed(path, arch, arch_kwargs, unsafe_pickle=unsafe_pickle, trust_arch=trust_arch)
     if not isinstance(loaded.model, torch.jit.ScriptModule):
         _check_statistics(loaded.model, str(path))
     if isinstance(loaded.model, onnx.ModelProto):
