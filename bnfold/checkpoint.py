@@ -205,9 +205,7 @@ def _without(model: nn.Module, replaced: Iterable[str], source: str) -> nn.Modul
     return model
 
 
-def check_state(
-    model: nn.Module, state: dict[str, torch.Tensor], source: str, *, replaced: Iterable[str] = ()
-) -> None:
+def check_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, *, replaced: Iterable[str] = ()) -> None:
     """Refuse a state_dict whose keys or shapes differ from ``model``'s (a folded layer may gain a bias).
 
     Args:

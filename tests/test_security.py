@@ -144,7 +144,7 @@ def test_trust_arch_builds_what_the_file_names(tmp_path, monkeypatch):
 def test_malformed_folded_recipes_are_one_line_errors(kind, change, message, tmp_path):
     extra = dict(change)
     kwargs = extra.pop("arch_kwargs", "{}")
-    if kind == "folded-pt" and "replaced" in extra and extra["replaced"][:2] in ("{\"", "[1"):
+    if kind == "folded-pt" and "replaced" in extra and extra["replaced"][:2] in ('{"', "[1"):
         extra["replaced"] = json.loads(extra["replaced"])
     arch = extra.pop("arch", "cnn-bn")
     path = _write(tmp_path / f"bad{_suffix(kind)}", kind, arch, kwargs, **extra)
