@@ -85,12 +85,12 @@ def _check_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None, sou
 def _check_statistics(model: nn.Module | onnx.ModelProto, source: str) -> None:
     """Refuse statistics no BN can have (a damaged or mis-converted checkpoint), naming the BN."""
     if isinstance(model, onnx.ModelProto):
-        from onnx import numpy_helper
+        from bnfold.onnx_fold.tensors import decode
 
         values = {t.name: t for t in model.graph.initializer}
         for node in model.graph.node:
             if node.op_type == "BatchNormalization" and len(node.input) == 5 and node.input[4] in values:
-                var = torch.from_numpy(numpy_helper.to_array(values[node.input[4]]).astype("float64"))
+                var = torch.from_numpy(decode(values[node.input[4]], source).astype("float64"))
                 _check_var(var, f"{source}: BatchNormalization '{node.name or node.output[0]}'")
         return
     for name, module in model.named_modules():

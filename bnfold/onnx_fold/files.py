@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 
 from bnfold.errors import BnfoldError
+from bnfold.onnx_fold.tensors import check_model_tensors
 
 __all__ = ["load_onnx", "save_onnx"]
 
@@ -32,6 +33,10 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
         raise BnfoldError(f"{p}: not a readable ONNX model ({first})") from None
     if not model.graph.node and not model.graph.output:
         raise BnfoldError(f"{p}: not a readable ONNX model (no graph)")
+    try:
+        check_model_tensors(model)
+    except BnfoldError as error:
+        raise BnfoldError(f"{p}: {error}") from None
     return model
 
 

@@ -15,10 +15,11 @@ import onnx
 from onnx import helper
 
 from bnfold.errors import BnfoldError
-from bnfold.onnx_fold.constants import PURE_OPS, fold_constants
+from bnfold.onnx_fold.constants import PURE_OPS
 from bnfold.onnx_fold.files import load_onnx
-from bnfold.onnx_fold.graph import GraphIndex, subgraphs
+from bnfold.onnx_fold.graph import GraphIndex, names_read, subgraphs
 from bnfold.onnx_fold.graph_pass import GraphPass
+from bnfold.onnx_fold.tensors import check_model_tensors
 from bnfold.report import FoldReport, LayerEntry
 
 __all__ = ["fold_onnx"]
@@ -46,7 +47,7 @@ def _value_types(
 
 def _fold_graph(
     graph: onnx.GraphProto,
-    outer: dict[str, np.ndarray],
+    outer: GraphIndex | None,
     ranks: dict[str, int],
     dtypes: dict[str, int],
     shapes: dict[str, tuple[int | None, ...]],
@@ -58,46 +59,44 @@ def _fold_graph(
     index = GraphIndex(graph, outer, ranks, dtypes, allow_initializer_inputs)
     index.shapes = shapes
     index.names |= names
-    fold_constants(index)
     GraphPass(index, entries, opset).run()
     names |= index.names
     for node in graph.node:
         for sub in subgraphs(node):
-            _fold_graph(sub, index.constants, ranks, dtypes, shapes, entries, opset, allow_initializer_inputs, names)
-
-
-def _read_anywhere(graph: onnx.GraphProto) -> set[str]:
-    read = {o.name for o in graph.output}
-    for node in graph.node:
-        read.update(node.input)
-        for sub in subgraphs(node):
-            read |= _read_anywhere(sub)
-    return read
+            _fold_graph(sub, index, ranks, dtypes, shapes, entries, opset, allow_initializer_inputs, names)
 
 
 def _clean(graph: onnx.GraphProto, read_outside: set[str]) -> None:
-    """Drop initializers, constant computations and value_info that nothing reads any more."""
-    changed = True
-    while changed:
-        read = _read_anywhere(graph) | read_outside
-        dead = [
-            n
-            for n in graph.node
-            if n.op_type in PURE_OPS and n.domain in ("", "ai.onnx") and not any(o in read for o in n.output)
-        ]
-        for node in dead:
-            graph.node.remove(node)
-        changed = bool(dead)
-    read = _read_anywhere(graph) | read_outside
+    """Drop initializers, constant computations and value_info that nothing reads any more, in one pass.
+
+    The nodes are in topological order, so one walk from the end sees every
+    reader of a value before its producer: a pure node none of whose outputs
+    is live is dead, and then its inputs are not read by it.
+    """
+    live = {o.name for o in graph.output} | read_outside
+    keep: list[bool] = []
+    for node in reversed(graph.node):
+        dead = node.op_type in PURE_OPS and node.domain in ("", "ai.onnx") and not any(o in live for o in node.output)
+        keep.append(not dead)
+        if not dead:
+            live.update(i for i in node.input if i)
+            for sub in subgraphs(node):
+                live |= names_read(sub)
+    keep.reverse()
+    for position in range(len(keep) - 1, -1, -1):
+        if not keep[position]:
+            del graph.node[position]
     inputs = {i.name for i in graph.input}
-    for init in [t for t in graph.initializer if t.name not in read and t.name not in inputs]:
-        graph.initializer.remove(init)
+    dead_inits = [i for i, t in enumerate(graph.initializer) if t.name not in live and t.name not in inputs]
+    for i in reversed(dead_inits):
+        del graph.initializer[i]
     produced = {o for n in graph.node for o in n.output} | inputs | {t.name for t in graph.initializer}
-    for info in [v for v in graph.value_info if v.name not in produced]:
-        graph.value_info.remove(info)
+    stale = [i for i, v in enumerate(graph.value_info) if v.name not in produced]
+    for i in reversed(stale):
+        del graph.value_info[i]
     for node in graph.node:
         for sub in subgraphs(node):
-            _clean(sub, read | read_outside)
+            _clean(sub, live)
 
 
 def _all_names(graph: onnx.GraphProto) -> set[str]:
@@ -133,6 +132,7 @@ def fold_onnx(
         BnfoldError: The model cannot be read or fails the checker before folding.
     """
     proto = load_onnx(model) if isinstance(model, str | Path) else _copy(model)
+    check_model_tensors(proto)
     try:
         skeleton = _skeleton(proto)
         onnx.checker.check_model(skeleton, full_check=True)
@@ -151,7 +151,7 @@ def fold_onnx(
         notes.append(f"shape inference failed ({type(error).__name__}): MatMul folds that need ranks are refused")
     entries: list[LayerEntry] = []
     names = _all_names(proto.graph)
-    _fold_graph(proto.graph, {}, ranks, dtypes, shapes, entries, opset, allow_initializer_inputs, names)
+    _fold_graph(proto.graph, None, ranks, dtypes, shapes, entries, opset, allow_initializer_inputs, names)
     if allow_initializer_inputs:
         initializers = {t.name for t in proto.graph.initializer}
         kept = [i for i in proto.graph.input if i.name not in initializers]

@@ -1,4 +1,16 @@
-"""An index over one ONNX graph: producers, consumers, constants, ranks and free names."""
+"""An index over one ONNX graph: producers, readers, constants (computed on demand), ranks and free names.
+
+The index is built once per graph and updated in place by every rewrite
+(:meth:`GraphIndex.set_input`, :meth:`~GraphIndex.set_output`,
+:meth:`~GraphIndex.insert_after`, :meth:`~GraphIndex.remove`), so folding *n* BNs
+costs O(graph) once plus O(1) per fold, not a re-index each time. Removed and
+inserted nodes reach the graph's node list in one pass (:meth:`GraphIndex.compact`).
+
+Constants are decoded only when a fold asks for them, through the checked
+decoder (:mod:`bnfold.onnx_fold.tensors`); values computed from constants
+(Shape/Expand/ConstantOfShape/arithmetic chains) are evaluated on demand,
+iteratively, within the budgets of :data:`bnfold.limits.LIMITS`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +22,10 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-__all__ = ["GraphIndex", "TORCH_DTYPES", "from_torch", "subgraphs", "to_torch64"]
+from bnfold.limits import LIMITS
+from bnfold.onnx_fold.tensors import decode
+
+__all__ = ["GraphIndex", "TORCH_DTYPES", "from_torch", "names_read", "subgraphs", "to_torch64"]
 
 TORCH_DTYPES = {
     onnx.TensorProto.FLOAT: torch.float32,
@@ -29,13 +44,13 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attr.graphs
 
 
-def _names_read(graph: onnx.GraphProto) -> set[str]:
+def names_read(graph: onnx.GraphProto) -> set[str]:
     """Every value name read inside ``graph`` and its subgraphs (outer-scope reads included)."""
     names: set[str] = set()
     for node in graph.node:
         names.update(i for i in node.input if i)
         for sub in subgraphs(node):
-            names |= _names_read(sub)
+            names |= names_read(sub)
     names.update(o.name for o in graph.output)
     return names
 
@@ -57,60 +72,133 @@ def from_torch(tensor: torch.Tensor, name: str) -> onnx.TensorProto:
 
 
 class GraphIndex:
-    """Producers, consumers and constants of one graph, rebuilt after each rewrite.
+    """Producers, readers and constants of one graph, updated in place by each rewrite.
 
     Attributes:
         graph: The graph indexed.
-        constants: Value name -> array, for initializers and Constant outputs
-            (and values computed from constants only, see ``computed``).
-        computed: Names whose value was computed from constants by the pass.
+        parent: The enclosing graph's index (subgraphs read outer constants).
         overridable: Initializers that are also graph inputs.
         ranks: Value name -> rank, where shape inference knew it.
         shapes: Value name -> dims (None where not static), where shape inference knew them.
         dtypes: Value name -> ONNX element type, where known.
+        unavailable: Value name -> why its constant value was not computed (a budget).
     """
 
     def __init__(
         self,
         graph: onnx.GraphProto,
-        outer_constants: dict[str, np.ndarray],
+        parent: GraphIndex | None,
         ranks: dict[str, int],
         dtypes: dict[str, int],
         allow_initializer_inputs: bool,
     ) -> None:
         self.graph = graph
+        self.parent = parent
         self.ranks = ranks
         self.shapes: dict[str, tuple[int | None, ...]] = {}
         self.dtypes = dtypes
         inputs = {i.name for i in graph.input}
         self.overridable = {t.name for t in graph.initializer if t.name in inputs}
-        self.constants: dict[str, np.ndarray] = dict(outer_constants)
-        for init in graph.initializer:
-            if init.name not in inputs or allow_initializer_inputs:
-                self.constants[init.name] = numpy_helper.to_array(init)
-        for node in graph.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                value = _constant_value(node)
-                if value is not None:
-                    self.constants[node.output[0]] = value
-        self.computed: set[str] = set()
+        self._protos = {t.name: t for t in graph.initializer if t.name not in inputs or allow_initializer_inputs}
+        self._values: dict[str, np.ndarray] = {}
+        self._computed_elements = 0
+        self.unavailable: dict[str, str] = {}
+        # keyed by id(); the values hold the node objects, so an id is never reused while recorded
+        self._removed: dict[int, onnx.NodeProto] = {}
+        self._after: dict[int, tuple[onnx.NodeProto, list[onnx.NodeProto]]] = {}
         self.refresh()
 
+    # -- structure -----------------------------------------------------------------------
+
     def refresh(self) -> None:
-        """Re-read producers and consumers after the graph changed."""
+        """Index producers and readers of the whole graph (once; rewrites update it in place)."""
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
-        for node in self.graph.node:
-            for out in node.output:
-                if out:
-                    self.producer[out] = node
-            read = [i for i in node.input if i]
-            for sub in subgraphs(node):
-                read += sorted(_names_read(sub))  # outer values a branch or body reads are uses too
-            for name in read:
-                self.consumers[name].append(node)
+        for node in self.nodes():
+            self._add(node)
         self.graph_outputs = {o.name for o in self.graph.output}
         self.names = self.all_names()
+
+    def _reads(self, node: onnx.NodeProto) -> list[str]:
+        read = [i for i in node.input if i]
+        for sub in subgraphs(node):
+            read += sorted(names_read(sub))  # outer values a branch or body reads are uses too
+        return read
+
+    def _add(self, node: onnx.NodeProto) -> None:
+        for out in node.output:
+            if out:
+                self.producer[out] = node
+        for name in self._reads(node):
+            self.consumers[name].append(node)
+
+    def _drop(self, node: onnx.NodeProto) -> None:
+        for out in node.output:
+            if out and self.producer.get(out) is node:
+                del self.producer[out]
+        for name in self._reads(node):
+            users = self.consumers.get(name)
+            if users:
+                for i, user in enumerate(users):
+                    if user is node:
+                        del users[i]
+                        break
+
+    def nodes(self) -> Iterator[onnx.NodeProto]:
+        """The live nodes in order: removed ones skipped, inserted ones after their anchor."""
+        for node in self.graph.node:
+            yield from self._live(node)
+
+    def _live(self, node: onnx.NodeProto) -> Iterator[onnx.NodeProto]:
+        if id(node) not in self._removed:
+            yield node
+        for later in self._after.get(id(node), (None, ()))[1]:
+            yield from self._live(later)
+
+    def set_input(self, node: onnx.NodeProto, position: int, name: str) -> None:
+        """``node.input[position] = name`` (padding with empty inputs), keeping the index current."""
+        self._drop(node)
+        while len(node.input) <= position:
+            node.input.append("")
+        node.input[position] = name
+        self._add(node)
+
+    def set_output(self, node: onnx.NodeProto, position: int, name: str) -> None:
+        """``node.output[position] = name``, keeping the index current."""
+        self._drop(node)
+        node.output[position] = name
+        self._add(node)
+
+    def insert_after(self, anchor: onnx.NodeProto, node: onnx.NodeProto) -> None:
+        """Add ``node`` right after ``anchor`` (it reaches the node list at :meth:`compact`)."""
+        self._after.setdefault(id(anchor), (anchor, []))[1].insert(0, node)
+        self._add(node)
+
+    def remove(self, node: onnx.NodeProto) -> None:
+        """Drop ``node`` (from the node list at :meth:`compact`)."""
+        self._drop(node)
+        self._removed[id(node)] = node
+
+    def compact(self) -> None:
+        """Write removals and insertions into the graph's node list, in one pass from the end."""
+        if not self._removed and not self._after:
+            return
+        order = list(self.graph.node)
+        for position in range(len(order) - 1, -1, -1):
+            node = order[position]
+            for later in reversed(list(self._inserted_after(node))):
+                self.graph.node.insert(position + 1, later)
+            if id(node) in self._removed:
+                del self.graph.node[position]
+        self._removed.clear()
+        self._after.clear()
+        self.refresh()
+
+    def _inserted_after(self, node: onnx.NodeProto) -> Iterator[onnx.NodeProto]:
+        for later in self._after.get(id(node), (None, ()))[1]:
+            if id(later) not in self._removed:
+                yield later
+            yield from self._inserted_after(later)
 
     def all_names(self) -> set[str]:
         """Every node and value name in use, for making fresh ones."""
@@ -136,25 +224,57 @@ class GraphIndex:
             readers.append(None)
         return readers
 
+    # -- constants -----------------------------------------------------------------------
+
+    def set_constant(self, name: str, value: np.ndarray) -> None:
+        """Record the value of a new initializer."""
+        self._values[name] = value
+
     def constant(self, value: str) -> np.ndarray | None:
-        """The constant array behind ``value``, or None."""
-        return self.constants.get(value)
+        """The constant array behind ``value`` (an initializer, a Constant, or computed from those), or None."""
+        if value in self._values:
+            return self._values[value]
+        if value in self._protos:
+            self._values[value] = decode(self._protos[value], "initializer")
+            return self._values[value]
+        if value in self.unavailable:
+            return None
+        if value not in self.producer:
+            return self.parent.constant(value) if self.parent is not None else None
+        from bnfold.onnx_fold.constants import evaluate, needed_inputs
 
-    def initializer_users(self, name: str) -> int:
-        """How many node inputs in the graph read initializer ``name``."""
-        return sum(1 for node in self.graph.node for i in node.input if i == name)
+        # depth-first over the producers, without recursion (a chain may be thousands of nodes long)
+        stack = [value]
+        while stack:
+            name = stack[-1]
+            if name in self._values or name in self.unavailable:
+                stack.pop()
+                continue
+            node = self.producer.get(name)
+            if node is None:
+                stack.pop()
+                if name in self._protos:
+                    self._values[name] = decode(self._protos[name], "initializer")
+                    continue
+                outer = self.parent.constant(name) if self.parent is not None else None
+                if outer is None:
+                    self.unavailable[name] = ""
+                else:
+                    self._values[name] = outer
+                continue
+            pending = [i for i in needed_inputs(node) if i not in self._values and i not in self.unavailable]
+            if pending:
+                stack.extend(pending)
+                continue
+            stack.pop()
+            result, why = evaluate(node, self)
+            if result is None:
+                self.unavailable[name] = why
+                continue
+            self._computed_elements += result.size
+            self._values[name] = result
+        return self._values.get(value)
 
-
-def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        if attr.name == "value_float":
-            return np.array(attr.f, dtype=np.float32)
-        if attr.name == "value_floats":
-            return np.array(list(attr.floats), dtype=np.float32)
-        if attr.name == "value_int":
-            return np.array(attr.i, dtype=np.int64)
-        if attr.name == "value_ints":
-            return np.array(list(attr.ints), dtype=np.int64)
-    return None
+    def budget_left(self) -> int:
+        """Elements this graph may still compute from constants."""
+        return 4 * LIMITS.max_constant_elements - self._computed_elements

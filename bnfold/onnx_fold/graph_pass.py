@@ -188,6 +188,8 @@ class GraphPass:
                 f"'{name}' is an initializer also listed as a graph input, so it can be overridden at run time "
                 "(pass --allow-initializer-inputs to treat such initializers as constants)"
             )
+        if self.index.unavailable.get(name):
+            return f"is not used as a constant: {self.index.unavailable[name]}"
         producer = self.index.producer.get(name)
         return f"is not a constant (it is computed by {_label(producer)})" if producer else "is not a constant"
 
@@ -222,7 +224,7 @@ class GraphPass:
             self.exact[name] = self._rounded.pop(id(tensor))[1]
         proto = from_torch(tensor, name)
         self.index.graph.initializer.append(proto)
-        self.index.constants[name] = numpy_helper.to_array(proto)
+        self.index.set_constant(name, numpy_helper.to_array(proto))
         return name
 
     def round(self, value: torch.Tensor, layer: _Layer) -> torch.Tensor:
@@ -236,33 +238,30 @@ class GraphPass:
         old = layer.node.input[1]
         if len(self.index.readers(old)) > 1:
             notes.append(f"weight '{old}' is shared with another node: folded into a copy")
-        layer.node.input[1] = self.new_initializer(weight, old)
+        self.index.set_input(layer.node, 1, self.new_initializer(weight, old))
 
     def write_bias(self, layer: _Layer, bias: torch.Tensor) -> None:
         """Point the layer at its folded bias: Conv/Gemm input, MatMul's Add, or a new Add."""
         node = layer.node
         if layer.add is not None:
             old = layer.add.input[layer.add_const_index]
-            layer.add.input[layer.add_const_index] = self.new_initializer(bias, old)
+            self.index.set_input(layer.add, layer.add_const_index, self.new_initializer(bias, old))
             return
         if node.op_type == "MatMul":
             if not bias.any():
                 return
             out = node.output[0]
-            node.output[0] = self.index.fresh(f"{out}_matmul")
+            self.index.set_output(node, 0, self.index.fresh(f"{out}_matmul"))
             name = self.new_initializer(bias, f"{node.name or out}_bias")
             add = helper.make_node("Add", [node.output[0], name], [out], name=self.index.fresh(f"{node.name}_bias_add"))
-            position = list(self.index.graph.node).index(node) + 1
-            self.index.graph.node.insert(position, add)
+            self.index.insert_after(node, add)
             return
         name = self.new_initializer(
             bias, (node.input[2] if len(node.input) > 2 and node.input[2] else node.name) or "bias"
         )
         if node.op_type == "Gemm":
             _set_attr(node, "beta", 1.0)
-        while len(node.input) < 3:
-            node.input.append("")
-        node.input[2] = name
+        self.index.set_input(node, 2, name)
 
     def check_weight_dtype_matches(self, layer: _Layer) -> None:
         """Refuse a layer whose weight and bias differ in dtype."""
@@ -312,7 +311,8 @@ class GraphPass:
         self.check_channel_axis(layer)
         weight, bias = self.fold_into(layer, affine, notes)
         target = _node_id(layer.node)
-        (layer.add or layer.node).output[0] = bn.output[0]
+        self.remove(bn)
+        self.index.set_output(layer.add or layer.node, 0, bn.output[0])
         self.write_weight(layer, weight, notes)
         self.write_bias(layer, bias)
         self.remove(bn)
@@ -379,8 +379,8 @@ class GraphPass:
         for layer, weight, bias in staged:
             self.write_weight(layer, weight, notes)
             self.write_bias(layer, bias)
-        joint.output[0] = bn.output[0]
         self.remove(bn)
+        self.index.set_output(joint, 0, bn.output[0])
         return targets
 
     def following(self, bn: onnx.NodeProto, affine: Affine, notes: list[str]) -> list[str]:
@@ -435,8 +435,8 @@ class GraphPass:
         self.write_weight(layer, weight, notes)
         if layer.bias is not None or bias.any():
             self.write_bias(layer, bias)
-        (through if through is not None else node).input[0] = bn.input[0]
         self.remove(bn)
+        self.index.set_input(through if through is not None else node, 0, bn.input[0])
         return [target]
 
     def flattens_channels(self, node: onnx.NodeProto | None, value: str) -> bool:
@@ -473,9 +473,8 @@ class GraphPass:
         return any(p != 0 for p in _attr(node, "pads", []) or [])
 
     def remove(self, node: onnx.NodeProto) -> None:
-        """Drop a node and re-index."""
-        self.index.graph.node.remove(node)
-        self.index.refresh()
+        """Drop a node (the index is updated in place)."""
+        self.index.remove(node)
 
     # -- decomposed BN -------------------------------------------------------------------
 
@@ -505,10 +504,12 @@ class GraphPass:
         if node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             return False
         for const_index in (1, 0):
-            const = self.index.constant(node.input[const_index])
             value = node.input[1 - const_index]
             producer = self.index.producer.get(value)
-            if const is None or producer is None or producer.op_type not in _LINEAR:
+            if producer is None or producer.op_type not in _LINEAR:
+                continue  # checked first: a constant is computed only where a fold could use it
+            const = self.index.constant(node.input[const_index])
+            if const is None:
                 continue
             if node.op_type == "Add" and producer.op_type == "MatMul":
                 return False  # MatMul + bias Add is already the folded form
@@ -524,10 +525,10 @@ class GraphPass:
             except FoldRefused:
                 return False
             target, name = _node_id(producer), _node_id(node)
-            layer.node.output[0] = node.output[0]
+            self.remove(node)
+            self.index.set_output(layer.node, 0, node.output[0])
             self.write_weight(layer, weight, notes)
             self.write_bias(layer, bias)
-            self.remove(node)
             self.entries.append(
                 LayerEntry(
                     name,
@@ -578,8 +579,9 @@ class GraphPass:
                 if entry.action == KEPT and self.try_fold(bn, entry):
                     changed = True
                 self._rounded.clear()  # results of refused attempts
-            for node in list(self.index.graph.node):
+            for node in list(self.index.nodes()):
                 if node.op_type in _DECOMPOSED and self.fold_decomposed(node):
                     changed = True
                 self._rounded.clear()
+        self.index.compact()
         self.entries.extend(entry for _, entry in sites)

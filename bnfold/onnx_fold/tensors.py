@@ -1,0 +1,134 @@
+"""Every ONNX tensor decoded through one checked path: declared shape against the data it holds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from bnfold.errors import BnfoldError
+
+__all__ = ["check_model_tensors", "check_tensor", "decode"]
+
+# the protobuf field that holds each element type's values, when not raw_data
+_FIELDS = {
+    onnx.TensorProto.FLOAT: "float_data",
+    onnx.TensorProto.COMPLEX64: "float_data",
+    onnx.TensorProto.DOUBLE: "double_data",
+    onnx.TensorProto.COMPLEX128: "double_data",
+    onnx.TensorProto.INT64: "int64_data",
+    onnx.TensorProto.UINT32: "uint64_data",
+    onnx.TensorProto.UINT64: "uint64_data",
+    onnx.TensorProto.STRING: "string_data",
+}
+_PER_ELEMENT = {onnx.TensorProto.COMPLEX64: 2, onnx.TensorProto.COMPLEX128: 2}
+
+
+def _label(tensor: onnx.TensorProto, where: str) -> str:
+    return f"{where} tensor '{tensor.name[:80]}'" if tensor.name else f"{where} tensor"
+
+
+def check_tensor(tensor: onnx.TensorProto, where: str = "") -> int:
+    """Check that a tensor's data matches its declared type and shape, without decoding it.
+
+    Args:
+        tensor: The tensor (an initializer or a Constant's value).
+        where: What holds it, for the message.
+
+    Returns:
+        Its number of elements.
+
+    Raises:
+        BnfoldError: Negative dims, an unknown element type, or short, long or
+            missing data.
+    """
+    label = _label(tensor, where)
+    if any(d < 0 for d in tensor.dims):
+        raise BnfoldError(f"{label} declares a negative dimension {list(tensor.dims)[:8]}")
+    elements = math.prod(tensor.dims)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return elements  # onnx.load read it already, or will refuse the file
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError, TypeError):
+        raise BnfoldError(f"{label} has an unknown element type {tensor.data_type}") from None
+    if tensor.HasField("raw_data") or tensor.data_type not in _FIELDS and not _typed_length(tensor):
+        if tensor.data_type == onnx.TensorProto.STRING:
+            raise BnfoldError(f"{label} holds strings as raw data")
+        bits = _bits(tensor.data_type, dtype)
+        want = (elements * bits + 7) // 8
+        have = len(tensor.raw_data)
+        if have != want:
+            raise BnfoldError(
+                f"{label} declares shape {list(tensor.dims)[:8]} of {np.dtype(dtype).name} ({want} bytes) "
+                f"but holds {have} bytes"
+            )
+        return elements
+    have = _typed_length(tensor)
+    want = elements * _PER_ELEMENT.get(tensor.data_type, 1)
+    if tensor.data_type not in _FIELDS and tensor.data_type in _PACKED_4BIT:
+        want = (elements + 1) // 2
+    if have != want:
+        raise BnfoldError(f"{label} declares shape {list(tensor.dims)[:8]} ({want} values) but holds {have} values")
+    return elements
+
+
+_PACKED_4BIT = {
+    getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, name)
+}
+
+
+def _bits(data_type: int, dtype: np.dtype) -> int:
+    if data_type in _PACKED_4BIT:
+        return 4
+    return 8 * np.dtype(dtype).itemsize
+
+
+def _typed_length(tensor: onnx.TensorProto) -> int:
+    field = _FIELDS.get(tensor.data_type, "int32_data")  # bool, (u)int8/16, float16, bfloat16, float8 live there
+    return len(getattr(tensor, field))
+
+
+def decode(tensor: onnx.TensorProto, where: str = "") -> np.ndarray:
+    """A tensor as a numpy array, after :func:`check_tensor`.
+
+    Raises:
+        BnfoldError: The data does not match the declaration, or cannot be decoded.
+    """
+    check_tensor(tensor, where)
+    try:
+        return numpy_helper.to_array(tensor)
+    except Exception as error:  # noqa: BLE001 - onnx's decoder raises ValueError, TypeError, KeyError...
+        raise BnfoldError(f"{_label(tensor, where)} cannot be decoded ({type(error).__name__})") from None
+
+
+def _graph_tensors(graph: onnx.GraphProto, where: str):  # noqa: ANN202 - a generator of (tensor, where)
+    for tensor in graph.initializer:
+        yield tensor, f"{where}initializer"
+    for sparse in graph.sparse_initializer:
+        yield sparse.values, f"{where}sparse initializer"
+        yield sparse.indices, f"{where}sparse initializer"
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t, f"{where}{node.op_type} '{node.name[:60]}' attribute"
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                for t in attr.tensors:
+                    yield t, f"{where}{node.op_type} '{node.name[:60]}' attribute"
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_tensors(attr.g, f"{where}subgraph ")
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graph_tensors(g, f"{where}subgraph ")
+
+
+def check_model_tensors(model: onnx.ModelProto) -> None:
+    """Check every tensor a model holds (initializers, Constant values, subgraphs) against its declaration.
+
+    Raises:
+        BnfoldError: The first tensor whose data does not match, named.
+    """
+    for tensor, where in _graph_tensors(model.graph, ""):
+        check_tensor(tensor, where)
