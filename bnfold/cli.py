@@ -12,7 +12,7 @@ import click
 
 from bnfold import zoo
 from bnfold.errors import BnfoldError
-from bnfold.io import atomic_write, check_output
+from bnfold.io import atomic_write, check_output, check_outputs
 
 __all__ = ["main"]
 
@@ -51,10 +51,18 @@ def _emit(ctx_json: bool, quiet: bool, payload: dict[str, Any], text: str) -> No
         click.echo(text)
 
 
+EXIT_CODES = """\b
+Exit status: 0 success; 1 verification mismatch (and nothing else);
+2 bad input, usage or environment (unreadable file, cannot write,
+disk full, missing runtime); 3 internal error (a bug: --debug shows
+the traceback)."""
+
+
 class _Group(click.Group):
-    """Turns a :class:`BnfoldError` into one line on stderr and exit status 2."""
+    """Maps every outcome to the exit-code contract: one line on stderr, never a traceback unless --debug."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        debug = bool(ctx.params.get("debug"))
         try:
             return super().invoke(ctx)
         except BnfoldError as error:
@@ -63,11 +71,28 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("bnfold: interrupted; no output was written", err=True)
             sys.exit(130)
+        except MemoryError:
+            click.echo("bnfold: error: out of memory; nothing was written", err=True)
+            sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
+            raise
+        except Exception as error:  # noqa: BLE001 - the contract: anything else is a bug, exit 3
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            hint = "" if debug else "; run again with --debug for the traceback"
+            click.echo(
+                f"bnfold: internal error (a bug, please report it): {type(error).__name__}: {first}{hint}", err=True
+            )
+            sys.exit(3)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(package_name="bnfold")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an internal error.")
+def main(debug: bool) -> None:
     """Fold BatchNorm into neighbouring Conv/Linear layers, with a report for every BN."""
 
 
@@ -149,9 +174,7 @@ def fold(
     """
     from bnfold.pipeline import run_pipeline, summary_text
 
-    for target in (output, report_path):
-        if target:
-            check_output(target, force=force, inputs=[model_path])
+    check_outputs({"-o": output, "--report": report_path}, force=force, inputs=[model_path])
     result = run_pipeline(
         model_path,
         output,
@@ -286,6 +309,7 @@ def _read_inputs(path: str | None) -> list | None:
 @click.option("--warmup", default=10, show_default=True, help="Untimed calls first.")
 @click.option("--iterations", default=100, show_default=True, help="Timed calls per measurement.")
 @click.option("--chart", type=click.Path(dir_okay=False), help="With two models: write a PNG bar chart.")
+@click.option("--force", is_flag=True, help="Replace an existing --chart file.")
 @_json_option
 def bench_command(
     models: tuple[str, ...],
@@ -299,6 +323,7 @@ def bench_command(
     warmup: int,
     iterations: int,
     chart: str | None,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Latency (p50/p90/p99 ms) and throughput of MODEL, or of MODEL vs FOLDED side by side."""
@@ -307,6 +332,9 @@ def bench_command(
 
     if len(models) > 2:
         raise BnfoldError("bench takes one model, or an original and a folded model")
+    if chart and len(models) != 2:
+        raise BnfoldError("--chart needs two models (an original and a folded one)")
+    check_outputs({"--chart": chart}, force=force, inputs=models)
     kwargs = _arch_kwargs(arch_kwargs)
     shapes = _shapes(input_shapes)
     results = []
@@ -328,8 +356,6 @@ def bench_command(
     payload: dict[str, Any] = {"results": [r.to_dict() for r in results]}
     text = "\n\n".join(str(r) for r in results)
     if len(results) == 2:
-        if chart:
-            check_output(chart, force=True)
         comparison = compare(results[0], results[1], chart)
         payload["compare"] = comparison["rows"]
         text += "\n\n" + comparison["text"]
@@ -385,8 +411,7 @@ def train_command(
 
         png = Path(output or "paper-mnist.png")
         json_path = png.with_suffix(".json")
-        for target in (png, json_path):
-            check_output(target, force=force)
+        check_outputs({"-o": png, "JSON": json_path}, force=force)
         config = PaperConfig(data=data, steps=steps or 50_000, eval_every=eval_every, seed=seed)
         result = run_paper_experiment(config, progress=not as_json)
         write_figure(result, png, json_path)

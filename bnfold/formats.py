@@ -16,12 +16,43 @@ FORMATS = ("onnx", "torch", "torchscript", "torch-export", "safetensors", "pickl
 _ONNX_FIRST_BYTES = (b"\x08", b"\x12", b"\x1a", b"\x22", b"\x3a", b"\x42", b"\x52", b"\x72")  # ModelProto tags
 
 
+def check_zip_sizes(path: Path, entries: list[zipfile.ZipInfo]) -> None:
+    """Refuse a zip archive whose entries would inflate far beyond the file (a deflate bomb) or lie about sizes.
+
+    torch.save stores entries uncompressed; compressed entries are allowed up to
+    :data:`bnfold.limits.LIMITS` ``max_zip_ratio``, and the total up to ``max_zip_inflated``.
+
+    Raises:
+        BnfoldError: One line naming the entry and the sizes.
+    """
+    from bnfold.limits import LIMITS
+
+    archive_bytes = path.stat().st_size
+    total = 0
+    for info in entries:
+        total += info.file_size
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.file_size != info.compress_size or info.header_offset + info.compress_size > archive_bytes:
+                raise BnfoldError(
+                    f"{path}: zip entry {info.filename[:80]} declares {info.file_size} bytes the file lacks"
+                )
+        elif info.file_size > 2**20 and info.file_size > LIMITS.max_zip_ratio * max(info.compress_size, 1):
+            raise BnfoldError(
+                f"{path}: zip entry {info.filename[:80]} inflates {info.compress_size} bytes to {info.file_size} "
+                f"(over {LIMITS.max_zip_ratio}:1, BNFOLD_MAX_ZIP_RATIO): refused as a decompression bomb"
+            )
+    if total > LIMITS.max_zip_inflated:
+        raise BnfoldError(f"{path}: the zip archive declares {total} bytes, over BNFOLD_MAX_ZIP_INFLATED")
+
+
 def _zip_kind(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+            entries = archive.infolist()
     except Exception:  # noqa: BLE001 - a damaged directory fails in many ways (bad names, versions, sizes)
         return None
+    check_zip_sizes(path, entries)
+    names = [info.filename for info in entries]
     if any(n.endswith("/archive_format") or n == "archive_format" for n in names):
         return "torch-export"
     if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):

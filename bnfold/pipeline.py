@@ -201,7 +201,8 @@ def run_pipeline(
             result.bn_left_in_output = _bn_nodes(folded_proto)
         if do_verify:
             stage("verify")
-            result.verify = verify(loaded.model, folded_proto, input_shapes=input_shapes).to_dict()
+            check = verify(loaded.model, folded_proto, input_shapes=input_shapes).to_dict()
+            result.verify = {"passed": check["passed"], "onnx": check}
         if do_bench:
             stage("bench")
             shape = input_shapes[0] if input_shapes else None
@@ -215,6 +216,13 @@ def run_pipeline(
         return result
     model = loaded.model
     inputs = _inputs(loaded, input_shapes)
+    for flag, wanted in (
+        ("--verify", do_verify),
+        ("--bench", do_bench),
+        (str(out), out and out.suffix in (".onnx", ".pt2")),
+    ):
+        if wanted and inputs is None:
+            raise BnfoldError(f"{flag} needs an input shape (--input-shape 1,3,224,224); nothing was written")
     _check_inputs(model, inputs, str(path))
     stage("fold (PyTorch pass)")
     if isinstance(model, torch.jit.ScriptModule):

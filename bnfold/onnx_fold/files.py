@@ -10,6 +10,7 @@ from pathlib import Path
 import onnx
 
 from bnfold.errors import BnfoldError
+from bnfold.io import write_error
 from bnfold.onnx_fold.tensors import check_model_tensors
 
 __all__ = ["load_onnx", "save_onnx"]
@@ -59,7 +60,10 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, external_data:
     out = Path(path)
     external = model.ByteSize() > _PROTOBUF_LIMIT if external_data is None else external_data
     directory = out.parent if str(out.parent) else Path(".")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=directory))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=directory))
+    except OSError as error:
+        raise write_error(out, error) from None
     try:
         staged = tmp / out.name
         if external:
@@ -76,7 +80,11 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, external_data:
             os.replace(tmp / f"{out.name}.data", directory / f"{out.name}.data")
         else:
             onnx.save_model(model, str(staged))
+        with open(staged, "rb+") as handle:
+            os.fsync(handle.fileno())
         os.replace(staged, out)
+    except OSError as error:
+        raise write_error(out, error) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
