@@ -107,3 +107,58 @@ def test_cli_verify_exit_codes(tmp_path):
 def test_verify_on_cuda():
     model, folded = _folded()
     assert verify(model, folded, input_shapes=[(2, 1, 8, 8)], runtimes=("torch-cuda",)).passed
+
+
+class _MixedScale(torch.nn.Module):
+    """One output column scaled by 1e4 beside nine scaled by 1e-2 (a detection or multi-task head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.big, self.small = torch.nn.Linear(8, 1), torch.nn.Linear(8, 9)
+
+    def forward(self, x):
+        return torch.cat([self.big(x) * 1e4, self.small(x) * 1e-2], dim=1)
+
+
+def _mixed_pair():
+    torch.manual_seed(0)
+    reference = _MixedScale().eval()
+    candidate = _MixedScale().eval()
+    candidate.load_state_dict(reference.state_dict())
+    return reference, candidate
+
+
+def test_mixed_scale_output_names_the_wrong_small_columns(tmp_path):
+    reference, candidate = _mixed_pair()
+    with torch.no_grad():
+        candidate.small.weight.mul_(1.5)  # the nine small columns 50% wrong
+    result = verify(reference, candidate, input_shapes=[(16, 8)])
+    assert not result.passed
+    check = result.runtimes[0].outputs[0]
+    assert check.channels == (1, list(range(1, 10)))
+    assert check.failing > 0 and all(index[1] >= 1 for index, *_ in check.worst)
+    assert "channels 1, 2, 3, 4, 5, 6, 7, 8, 9" in str(result)
+    # through the CLI on ONNX files: exit 1
+    ref_path, cand_path = tmp_path / "ref.onnx", tmp_path / "cand.onnx"
+    x = torch.randn(4, 8)
+    for model, path in ((reference, ref_path), (candidate, cand_path)):
+        torch.onnx.export(model, (x,), str(path), dynamo=False)
+    cli = CliRunner().invoke(main, ["verify", str(ref_path), str(cand_path)])
+    assert cli.exit_code == 1, cli.output
+    assert "channels 1, 2, 3, 4, 5, 6, 7, 8, 9" in cli.output
+
+
+def test_mixed_scale_output_with_rounding_level_change_passes():
+    reference, candidate = _mixed_pair()
+    with torch.no_grad():
+        candidate.small.weight.mul_(1 + 2**-23)  # one float32 ulp: rounding, not a change
+        candidate.big.bias.add_(candidate.big.bias.abs() * 2**-23)
+    assert verify(reference, candidate, input_shapes=[(16, 8)]).passed
+
+
+def test_small_change_in_one_column_is_caught():
+    reference, candidate = _mixed_pair()
+    with torch.no_grad():
+        candidate.small.weight[4].mul_(1.001)  # 0.1% in one small column
+    result = verify(reference, candidate, input_shapes=[(16, 8)])
+    assert not result.passed and result.runtimes[0].outputs[0].channels == (1, [5])
