@@ -33,25 +33,22 @@ class Mutation:
     detail: str
 
 
+def _fits(module: nn.Module, kind: str) -> bool:
+    if kind == "bn-statistic":
+        return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, nn.modules.conv._ConvNd | nn.Linear) or not isinstance(weight, torch.Tensor):
+        return False
+    if kind == "bias":
+        return module.bias is not None
+    if kind == "transposed-kernel":
+        return weight.dim() >= 4 and weight.shape[-1] == weight.shape[-2] >= 2
+    return True
+
+
 def layers(model: nn.Module, kind: str) -> list[str]:
     """Names of the modules a mutation of ``kind`` can be planted in."""
-    found = []
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if kind == "bn-statistic":
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is not None:
-                found.append(name)
-        elif not isinstance(module, nn.modules.conv._ConvNd | nn.Linear) or not isinstance(weight, torch.Tensor):
-            continue
-        elif kind == "bias" and module.bias is None:
-            continue
-        elif kind == "transposed-kernel" and (
-            weight.dim() < 4 or weight.shape[-1] != weight.shape[-2] or weight.shape[-1] < 2
-        ):
-            continue
-        else:
-            found.append(name)
-    return found
+    return [name for name, module in model.named_modules() if _fits(module, kind)]
 
 
 def plant(model: nn.Module, kind: str, rng: np.random.Generator, size: float = 0.1) -> Mutation | None:
