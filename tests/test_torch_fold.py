@@ -639,3 +639,87 @@ def test_sum_that_broadcasts_across_axes_is_kept():
     assert torch.allclose(folded(x, v), model(x, v), atol=1e-5)
     _, report = bnfold.fold(model)
     assert report.bn_kept == 1 and "example_inputs" in report.layers[0].reason
+
+
+class _NormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d, as written there: asserts on x.ndim, branches on training, then drop and act."""
+
+    def __init__(self, c, act=True, drop=False):
+        super().__init__(c)
+        self.drop = nn.Dropout(0.1) if drop else nn.Identity()
+        self.act = nn.SiLU(inplace=True) if act else nn.Identity()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        bn_training = True if self.training else (self.running_mean is None) and (self.running_var is None)
+        x = F.batch_norm(
+            x,
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            factor,
+            self.eps,
+        )
+        return self.act(self.drop(x))
+
+
+class _DataAssertBN(nn.BatchNorm2d):
+    """Asserts on the input's values: removing that check would change behaviour, so it must not fold."""
+
+    def forward(self, x):
+        torch._assert((x > -1e9).all(), "input out of range")
+        return super().forward(x)
+
+
+class _ShapeUsingBN(nn.BatchNorm2d):
+    """Uses the input's shape in the computation, not only in a check."""
+
+    def forward(self, x):
+        return super().forward(x) * x.shape[1]
+
+
+def test_norm_act_modules_fold_and_keep_their_activation():
+    model = randomized(
+        nn.Sequential(nn.Conv2d(3, 8, 3), _NormAct2d(8), nn.Conv2d(8, 8, 1), _NormAct2d(8, act=False, drop=True))
+    )
+    folded, report = bnfold.fold(model)
+    assert report.bn_folded == 2, str(report)
+    assert isinstance(folded[1], nn.Module) and any(isinstance(m, nn.SiLU) for m in folded[1].modules())
+    assert_equivalent(model, folded, torch.randn(2, 3, 9, 9))
+
+
+@pytest.mark.parametrize("cls", [_DataAssertBN, _ShapeUsingBN])
+def test_bn_subclasses_that_read_the_input_beyond_its_rank_are_kept(cls):
+    model = randomized(nn.Sequential(nn.Conv2d(3, 8, 3), cls(8)))
+    folded, report = bnfold.fold(model)
+    assert report.bn_folded == 0 and "custom forward" in report.layers[0].reason, str(report)
+    assert_equivalent(model, folded, torch.randn(2, 3, 9, 9))
+
+
+def test_two_bns_in_a_row_both_fold_into_the_conv():
+    model = randomized(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.ReLU()))
+    folded, report = bnfold.fold(model)
+    assert report.bn_folded == 2 and bn_count(folded) == 0, str(report)
+    assert [e.targets for e in report.layers] == [["0"], ["0"]]
+    assert_equivalent(model, folded, torch.randn(2, 3, 9, 9))
+
+
+def test_bn_after_bn_after_a_shared_conv_is_kept():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn2(self.bn1(y)) + y
+
+    model = randomized(Shared())
+    folded, report = bnfold.fold(model)
+    assert report.bn_folded == 0, str(report)
+    assert_equivalent(model, folded, torch.randn(2, 3, 9, 9))

@@ -126,6 +126,7 @@ class _TorchFoldPass:
             if p is not None
         )
         self.graph_changed = False
+        self.all_sites: list[_Site] = []
 
     # -- match ---------------------------------------------------------------------------
 
@@ -398,6 +399,9 @@ class _TorchFoldPass:
         if not first_fold(site.entry, attempts):
             return False
         self.remove(site)
+        for other in self.all_sites:  # a BN that read this one's output now reads its input (BN after BN)
+            if other.input == site.call.output:
+                other.input = site.input
         return True
 
     def remove(self, site: _Site) -> None:
@@ -423,7 +427,7 @@ class _TorchFoldPass:
         return flushed
 
     def run(self) -> tuple[nn.Module, list[LayerEntry]]:
-        sites = self.sites()
+        sites = self.all_sites = self.sites()
         changed = True
         while changed:
             changed = False

@@ -130,6 +130,55 @@ def _batchnorm_affine(module: _BatchNorm) -> Affine | FoldRefused:
         return refused
 
 
+_ASSERTS = tuple(f for f in (getattr(torch, "_assert", None), getattr(torch, "_assert_async", None)) if f)
+_METADATA = frozenset({"ndim", "shape", "dtype", "device", "is_cuda", "layout"})
+
+
+def _reads_only_metadata(node: fx.Node) -> bool:
+    """Whether ``node`` reads only the input's rank, shape, dtype or device (``x.ndim``, ``x.dim()``, ...)."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in _METADATA
+    return node.op == "call_method" and node.target in ("dim", "size") and not node.kwargs
+
+
+def _drop_input_checks(graph: fx.Graph) -> None:
+    """Remove assertions and the metadata reads they use (timm's ``_assert(x.ndim == 4)``).
+
+    An assertion on the input's rank or dtype computes nothing: it only fails for
+    an input the folded layer never produces. What remains must still be one
+    batch_norm plus element-wise ops, or the module is refused.
+    """
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _ASSERTS:
+            graph.erase_node(node)
+    changed = True
+    while changed:  # the comparisons and metadata reads the assertions used, now unread
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node.users or node.op in ("placeholder", "output", "call_module"):
+                continue
+            if _reads_only_metadata(node) or (node.op == "call_function" and _is_comparison(node)):
+                graph.erase_node(node)
+                changed = True
+
+
+def _is_comparison(node: fx.Node) -> bool:
+    import operator
+
+    return node.target in (
+        operator.eq,
+        operator.ne,
+        operator.lt,
+        operator.le,
+        operator.gt,
+        operator.ge,
+        operator.and_,
+        operator.or_,
+        operator.not_,
+        operator.getitem,
+    )
+
+
 def _traced_tail(module: _BatchNorm) -> nn.Module | FoldRefused:
     """Split a BN subclass with its own forward into BN + the rest (e.g. an activation)."""
     work = copy.deepcopy(module).eval()
@@ -142,6 +191,7 @@ def _traced_tail(module: _BatchNorm) -> nn.Module | FoldRefused:
         graph = _Tracer().trace(work)
     except Exception as error:  # noqa: BLE001 - tracing user code fails in many ways
         return FoldRefused(f"custom forward of {type(module).__name__} is not traceable ({type(error).__name__})")
+    _drop_input_checks(graph)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     calls = [n for n in graph.nodes if n.op == "call_function" and n.target in (F.batch_norm, torch.batch_norm)]
     if len(placeholders) != 1 or len(calls) != 1:
@@ -151,12 +201,13 @@ def _traced_tail(module: _BatchNorm) -> nn.Module | FoldRefused:
         return FoldRefused(f"custom forward of {type(module).__name__} does more than batch_norm on its input")
     call.replace_all_uses_with(x)
     graph.erase_node(call)
-    graph.eliminate_dead_code()
-    if [n.op for n in graph.nodes] == ["placeholder", "output"]:
-        return nn.Identity()
     tail = fx.GraphModule(work, graph, class_name=f"{type(module).__name__}Tail")
+    tail.graph.eliminate_dead_code()  # needs the owning module to judge call_module purity
+    if [n.op for n in tail.graph.nodes] == ["placeholder", "output"]:
+        return nn.Identity()
+    tail.recompile()
     tail.delete_all_unused_submodules()
-    return tail
+    return tail.eval()
 
 
 def bn_module(module: nn.Module) -> BNModule | None:
