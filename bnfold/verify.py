@@ -14,8 +14,8 @@ passes when
     |candidate - truth| <= rtol * |truth| + min over slices (NOISE_FACTOR * noise + atol * scale)
 
 where, for each slice the element lies in (its channel, axis 1, and its column, the last
-axis; the whole output for rank 0 and 1), ``scale`` is the slice's max |truth| and
-``noise`` the reference's own largest error in its dtype on that slice. Folding may add
+axis; a slice needs MIN_SLICE elements, else the whole output counts as the slice),
+``scale`` is the slice's max |truth| and ``noise`` the reference's own largest error in its dtype on that slice. Folding may add
 rounding noise of the size the original already has, never a real difference, and a
 large column (box coordinates, unnormalised logits) no longer sets the bar for a small
 one. Default tolerances by the candidate's dtype: float32 rtol 1e-4, atol 1e-5; float16
@@ -207,7 +207,7 @@ def _onnx_input_specs(model: onnx.ModelProto) -> list[tuple[tuple[int, ...], np.
             if dim.HasField("dim_value"):
                 shape.append(dim.dim_value)
             elif axis == 0:
-                shape.append(2)
+                shape.append(8)  # a dynamic batch: enough samples for per-channel scales (MIN_SLICE)
             else:
                 raise BnfoldError(f"input '{value.name}' has a dynamic axis {axis}: pass inputs or --input-shape")
         specs.append((tuple(shape), helper.tensor_dtype_to_np_dtype(tensor.elem_type)))
@@ -254,8 +254,14 @@ def _slice_max(values: np.ndarray, axis: int) -> np.ndarray:
     return values.max(axis=others, keepdims=True) if values.size else values
 
 
-def _slice_axes(ndim: int) -> list[int | None]:
-    return [None] if ndim < 2 else sorted({1, ndim - 1})
+MIN_SLICE = 4  # a slice with fewer elements says too little about its scale and noise: the whole output is used
+
+
+def _slice_axes(shape: tuple[int, ...]) -> list[int | None]:
+    """Axes whose slices (channel: axis 1; column: last axis) are large enough to judge; None: the whole output."""
+    size = int(np.prod(shape)) if shape else 1
+    axes = [a for a in sorted({1, len(shape) - 1}) if len(shape) >= 2 and shape[a] and size // shape[a] >= MIN_SLICE]
+    return axes or [None]
 
 
 def _allowed(t64: np.ndarray, own: np.ndarray | None, rtol: float, atol_factor: float) -> np.ndarray:
@@ -264,7 +270,7 @@ def _allowed(t64: np.ndarray, own: np.ndarray | None, rtol: float, atol_factor: 
     noise = np.abs(own - t64) if own is not None else np.zeros_like(t64)
     noise = np.where(np.isfinite(noise), noise, 0.0)
     bounds = []
-    for axis in _slice_axes(t64.ndim):
+    for axis in _slice_axes(t64.shape):
         if axis is None:
             scale, slice_noise = magnitude.max(initial=0.0), noise.max(initial=0.0)
         else:
@@ -279,9 +285,9 @@ def _allowed(t64: np.ndarray, own: np.ndarray | None, rtol: float, atol_factor: 
 
 def _failing_slices(over: np.ndarray) -> tuple[int, list[int]] | None:
     """The channels (axis 1), else the last-axis slices, where elements fail."""
-    if over.ndim < 2 or not over.any():
+    if over.ndim < 2 or not over.any() or _slice_axes(over.shape) == [None]:
         return None
-    for axis in _slice_axes(over.ndim):
+    for axis in _slice_axes(over.shape):
         others = tuple(a for a in range(over.ndim) if a != axis)
         hit = np.flatnonzero(over.any(axis=others))
         if len(hit) < over.shape[axis]:

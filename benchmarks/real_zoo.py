@@ -1,0 +1,346 @@
+"""The real-zoo sweep: every BN of timm and torchvision architectures, bnfold's two paths beside the peers.
+
+Usage (needs .venv-zoo, made by scripts/zoo_env.sh: torch 2.14 + torchvision + timm):
+
+    bash scripts/zoo_env.sh
+    .venv-zoo/bin/python benchmarks/real_zoo.py --fast              # a dozen families, ~2 minutes
+    .venv-zoo/bin/python benchmarks/real_zoo.py --source timm --limit 200 --peers all
+
+Per model (random weights, randomised BN statistics, the smallest input it accepts among
+32..224): BN total; BN left by ``bnfold.fold``; BN left by bnfold's ONNX pass on a
+BN-keeping TorchScript export; BN left by ONNX Runtime's basic level, torch.fx ``fuse``,
+and with ``--peers all`` also onnxsim and ``torch.onnx.export(dynamo=True)`` with its
+optimizer; max error of each bnfold result vs float64 beside the original's own float32
+error; fold seconds beside fx ``fuse``; crashes. Every BN left gets a reason class, and
+the sweep prints the classes with counts. Writes JSON (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import re
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.fx.experimental.optimization
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bnfold  # noqa: E402
+from bnfold.compare import fold_error  # noqa: E402
+from bnfold.export import export_keeping_bn  # noqa: E402
+from bnfold.zoo import randomize_batchnorm  # noqa: E402
+
+FAST = [
+    "timm:resnet18",
+    "timm:efficientnet_b0",
+    "timm:mixnet_s",
+    "timm:cspresnet50",
+    "timm:rexnet_100",
+    "timm:repvgg_a0",
+    "timm:mobilenetv3_small_100",
+    "timm:densenet121",
+    "timm:regnetx_002",
+    "timm:dla34",
+    "tv:mobilenet_v2",
+    "tv:resnet18",
+    "tv:shufflenet_v2_x0_5",
+    "tv:googlenet",
+]
+
+# reason text -> class: what no exact fold can remove, and why (one class for each direction tried)
+REASON_CLASSES = [
+    (r"not called by forward", "not run by forward (unused module, e.g. an aux head)"),
+    (r"applies more after BN", "an activation follows inside the BN-act module"),
+    (r"zero-pads", "the next layer zero-pads"),
+    (r"following ConvTranspose", "the next layer is a ConvTranspose"),
+    (r"model output|graph output|graph input|model input|output is unused", "model input or output"),
+    (r"also read by|read by \d+ (consumers|operations)", "the value is also read elsewhere"),
+    (r"is not a Conv|not a Conv/Linear|is unknown", "the neighbour is not a linear layer"),
+    (r"track_running_stats|batch statistics|training_mode|training=True", "uses batch statistics"),
+    (r"custom forward|not traceable", "custom forward not understood"),
+    (r"called \d+ time|registered under", "module called or registered more than once"),
+    (r"channel|axis|rank", "channel axis does not line up"),
+    (r"overflow", "would overflow the dtype"),
+]
+
+
+def _side_class(text: str) -> str:
+    for pattern, name in REASON_CLASSES:
+        if re.search(pattern, text):
+            return name
+    return "other: " + text[:60]
+
+
+def reason_class(reason: str) -> str:
+    """The class of a kept BN: one per direction tried (``before: ...; after: ...``)."""
+    parts = re.findall(r"(before|after): (.*?)(?=; after: |$)", reason)
+    if not parts:
+        return _side_class(reason)
+    return "; ".join(f"{side}: {_side_class(text)}" for side, text in parts)
+
+
+def build(spec: str) -> nn.Module:
+    """``timm:name`` or ``tv:name``, random weights."""
+    source, _, name = spec.partition(":")
+    if source == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=False)
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None)
+
+
+def bn_count(model: nn.Module) -> int:
+    """BN modules, timm norm-act and frozen ones included."""
+    from bnfold.torch_fold.kinds import bn_module
+
+    return sum(1 for m in model.modules() if not isinstance(m, nn.Identity) and bn_module(m) is not None)
+
+
+def fx_bn_count(graph_module: torch.fx.GraphModule) -> int:
+    """BN left in an fx graph: calls of BN modules plus batch_norm functions (traced norm-act modules)."""
+    from bnfold.torch_fold.kinds import bn_module
+
+    functions = (torch.nn.functional.batch_norm, torch.batch_norm)
+    modules = [n for n in graph_module.graph.nodes if n.op == "call_module"]
+    calls = [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target in functions]
+    return len(calls) + sum(bn_module(graph_module.get_submodule(n.target)) is not None for n in modules)
+
+
+def onnx_bn(proto) -> int:  # noqa: ANN001
+    return sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
+
+
+def smallest_input(model: nn.Module, spec: str) -> torch.Tensor | None:
+    channels = 3
+    sizes = (32, 64, 96, 128, 160, 224)
+    if spec.startswith("tv:") and any(k in spec for k in ("r3d", "mc3", "r2plus1d", "s3d", "mvit", "swin3d")):
+        shapes = [(1, 3, 8, s, s) for s in sizes]
+    else:
+        shapes = [(1, channels, s, s) for s in sizes]
+    for shape in shapes:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        try:
+            with torch.no_grad():
+                model(x)
+            return x
+        except Exception:  # noqa: BLE001 - the architecture decides what it accepts
+            continue
+    return None
+
+
+def _ort_basic(proto) -> int:  # noqa: ANN001
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(Path(tmp) / "basic.onnx")
+        ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        import onnx
+
+        return onnx_bn(onnx.load(options.optimized_model_filepath))
+
+
+def _onnxsim(proto) -> int:  # noqa: ANN001
+    import onnxsim
+
+    simplified, _ = onnxsim.simplify(proto)
+    return onnx_bn(simplified)
+
+
+def _dynamo(model: nn.Module, x: torch.Tensor) -> int:
+    program = torch.onnx.export(model, (x,), dynamo=True, optimize=True, verbose=False)
+    return onnx_bn(program.model_proto)
+
+
+def _onnx_error(model: nn.Module, proto, x: torch.Tensor) -> float:  # noqa: ANN001
+    import numpy as np
+
+    from bnfold.runtimes import run_onnx, run_torch64
+
+    truth = run_torch64(model, [x.numpy()])[0]
+    got = run_onnx(proto, [x.numpy()], "ort-cpu")[0]
+    return float(np.abs(got - truth).max() / np.abs(truth).max())
+
+
+def sweep_one(spec: str, peers: str) -> dict:
+    """Everything measured for one architecture."""
+    row: dict = {"model": spec}
+    model = build(spec).eval()
+    total = bn_count(model)
+    row["bn_total"] = total
+    if total == 0:
+        return row
+    randomize_batchnorm(model)
+    x = smallest_input(model, spec)
+    if x is None:
+        row["crash"] = "no input size in 32..224 accepted"
+        return row
+    row["input"] = list(x.shape)
+    start = time.perf_counter()
+    folded, report = bnfold.fold(model, (x,))
+    row["fold_s"] = round(time.perf_counter() - start, 3)
+    row["bn_left_torch"] = report.bn_kept
+    row["reasons_torch"] = [reason_class(e.reason) for e in report.layers if not e.folded]
+    row["reasons_torch_text"] = [f"{e.name}: {e.reason}"[:200] for e in report.layers if not e.folded]
+    err, own = fold_error(model, folded, (x,)), fold_error(model, model, (x,))
+    row["err_torch"], row["err_own"] = err.scaled_max, own.scaled_max
+    row["verify_torch"] = bnfold.verify(model, folded, input_shapes=[tuple(x.shape)]).passed
+    try:
+        start = time.perf_counter()
+        fused = torch.fx.experimental.optimization.fuse(copy.deepcopy(model))
+        row["fuse_s"] = round(time.perf_counter() - start, 3)
+        row["bn_left_fuse"] = fx_bn_count(fused)
+    except Exception as error:  # noqa: BLE001 - a peer failing is a result
+        row["bn_left_fuse"] = f"failed: {type(error).__name__}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kept = export_keeping_bn(model, (x,))
+        row["bn_onnx_export"] = onnx_bn(kept)
+        folded_proto, onnx_report = bnfold.fold_onnx(kept)
+        row["bn_left_onnx"] = onnx_bn(folded_proto)
+        row["reasons_onnx"] = [reason_class(e.reason) for e in onnx_report.layers if not e.folded]
+        row["err_onnx"] = _onnx_error(model, folded_proto, x)
+        row["err_onnx_own"] = _onnx_error(model, kept, x)
+        row["verify_onnx"] = bnfold.verify(model, folded_proto, input_shapes=[tuple(x.shape)]).passed
+        row["bn_left_ort_basic"] = _ort_basic(kept)
+        if peers == "all":
+            row["bn_left_onnxsim"] = _onnxsim(kept)
+    except Exception as error:  # noqa: BLE001
+        row["onnx_crash"] = f"{type(error).__name__}: {str(error)[:160]}"
+    if peers == "all":
+        try:
+            with warnings.catch_warnings(), _quiet():
+                warnings.simplefilter("ignore")
+                row["bn_left_dynamo"] = _dynamo(model, x)
+        except Exception as error:  # noqa: BLE001
+            row["bn_left_dynamo"] = f"failed: {type(error).__name__}"
+    return row
+
+
+class _quiet:  # noqa: N801 - a context manager used like a function
+    def __enter__(self) -> None:
+        self._out, self._err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout, sys.stderr = self._out, self._err
+
+
+def specs(source: str) -> list[str]:
+    """Every architecture name of the source(s)."""
+    names = []
+    if source in ("timm", "all"):
+        import timm
+
+        names += [f"timm:{n}" for n in timm.list_models()]
+    if source in ("torchvision", "all"):
+        import torchvision
+
+        for module in (
+            torchvision.models,
+            torchvision.models.detection,
+            torchvision.models.segmentation,
+            torchvision.models.video,
+        ):
+            names += [f"tv:{n}" for n in torchvision.models.list_models(module=module)]
+    return names
+
+
+def main() -> None:
+    """Run the sweep, print rows and the reason classes, write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fast", action="store_true", help="The fast subset (a dozen families).")
+    parser.add_argument("--source", choices=["timm", "torchvision", "all"], default="all")
+    parser.add_argument("--filter", default="", help="Regex on the model name.")
+    parser.add_argument("--limit", type=int, default=0, help="At most this many architectures.")
+    parser.add_argument("--every", type=int, default=1, help="Take every N-th architecture (a spread sample).")
+    parser.add_argument("--peers", choices=["basic", "all"], default="basic")
+    parser.add_argument("--json", default=str(Path(__file__).with_name("real_zoo.json")))
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    chosen = FAST if args.fast else [s for s in specs(args.source) if re.search(args.filter, s)][:: args.every]
+    if args.limit:
+        chosen = chosen[: args.limit]
+    rows, torch_classes, onnx_classes = [], Counter(), Counter()
+    header = (
+        f"{'model':<34} {'BN':>4} {'torch':>5} {'onnx':>4} {'ort':>4} {'fuse':>4} {'sim':>4} {'dyn':>4} "
+        f"{'err torch':>9} {'err onnx':>9} {'own':>9} {'fold s':>6} {'fuse s':>6}"
+    )
+    print(header, flush=True)
+    for spec in chosen:
+        try:
+            row = sweep_one(spec, args.peers)
+        except Exception as error:  # noqa: BLE001 - a crash is a result, counted
+            row = {"model": spec, "crash": f"{type(error).__name__}: {str(error)[:200]}"}
+            row["traceback"] = traceback.format_exc()[-2000:]
+        rows.append(row)
+        if not row.get("bn_total") or "crash" in row:
+            if "crash" in row:
+                print(f"{spec:<34} crash: {row['crash'][:100]}", flush=True)
+            continue
+        torch_classes.update(row.get("reasons_torch", []))
+        onnx_classes.update(row.get("reasons_onnx", []))
+
+        def cell(key: str, width: int = 4, row: dict = row) -> str:
+            value = row.get(key, "")
+            return f"{value:>{width}}" if not isinstance(value, str) else f"{'x':>{width}}"
+
+        print(
+            f"{spec:<34} {row['bn_total']:>4} {cell('bn_left_torch', 5)} {cell('bn_left_onnx')} "
+            f"{cell('bn_left_ort_basic')} {cell('bn_left_fuse')} {cell('bn_left_onnxsim')} {cell('bn_left_dynamo')} "
+            f"{row.get('err_torch', float('nan')):>9.2e} {row.get('err_onnx', float('nan')):>9.2e} "
+            f"{row.get('err_own', float('nan')):>9.2e} {row.get('fold_s', 0):>6.2f} {row.get('fuse_s', 0):>6.2f}",
+            flush=True,
+        )
+    ran = [r for r in rows if r.get("bn_total") and "crash" not in r]
+    print(
+        f"\n{len(chosen)} architectures, {len(ran)} with BN ran, "
+        f"{sum(1 for r in rows if 'crash' in r)} crashed (build or input), "
+        f"{sum(1 for r in rows if r.get('bn_total') == 0)} without BN"
+    )
+    for key, label in (
+        ("bn_total", "BN total"),
+        ("bn_left_torch", "left by bnfold.fold"),
+        ("bn_left_onnx", "left by bnfold ONNX pass"),
+        ("bn_left_ort_basic", "left by ORT basic"),
+        ("bn_left_fuse", "left by fx fuse"),
+        ("bn_left_onnxsim", "left by onnxsim"),
+        ("bn_left_dynamo", "left by dynamo export"),
+    ):
+        values = [r[key] for r in ran if isinstance(r.get(key), int)]
+        if values:
+            print(f"  {label:<26} {sum(values):>6}  (over {len(values)} models)")
+
+    def own(r: dict) -> float:  # the original's own float32 error, on either runtime
+        return max(r.get("err_own", 0.0), r.get("err_onnx_own", 0.0))
+
+    bad = [r["model"] for r in ran if max(r.get("err_torch", 0), r.get("err_onnx", 0)) > 1.5 * own(r)]
+    print(f"  error > 1.5x the original's own float32 error (either runtime): {bad or 'none'}")
+    failed = [r["model"] for r in ran if r.get("verify_torch") is False or r.get("verify_onnx") is False]
+    print(f"  bnfold verify MISMATCH (torch or ONNX result): {failed or 'none'}")
+    print("reason classes, PyTorch path:")
+    for name, count in torch_classes.most_common():
+        print(f"  {count:>5}  {name}")
+    print("reason classes, ONNX path:")
+    for name, count in onnx_classes.most_common():
+        print(f"  {count:>5}  {name}")
+    Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
