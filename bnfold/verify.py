@@ -15,12 +15,12 @@ passes when
 
 where, for each slice the element lies in (its channel, axis 1, and its column, the last
 axis; a slice needs MIN_SLICE elements, else the whole output counts as the slice),
-``scale`` is the slice's max |truth| and ``noise`` the reference's own largest error in its dtype on that slice. Folding may add
-rounding noise of the size the original already has, never a real difference, and a
-large column (box coordinates, unnormalised logits) no longer sets the bar for a small
-one. Default tolerances by the candidate's dtype: float32 rtol 1e-4, atol 1e-5; float16
-rtol 1e-2, atol 1e-2; bfloat16 rtol 5e-2, atol 5e-2; float64 rtol 1e-10, atol 1e-12. An
-explicit ``atol`` is absolute: ``|candidate - truth| <= atol + rtol * |truth|``.
+``scale`` is the slice's max |truth| and ``noise`` the reference's own largest error in
+its dtype on that slice. Folding may add rounding noise of the size the original already
+has, never a real difference, and a large column (box coordinates, unnormalised logits)
+no longer sets the bar for a small one. Default tolerances by the candidate's dtype:
+float32 rtol 1e-4, atol 1e-5; float16 rtol 1e-2, atol 1e-2; bfloat16 rtol 5e-2, atol 5e-2;
+float64 rtol 1e-10, atol 1e-12. An explicit ``atol`` is absolute: ``|candidate - truth| <= atol + rtol * |truth|``.
 """
 
 from __future__ import annotations
