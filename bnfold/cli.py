@@ -58,11 +58,27 @@ disk full, missing runtime); 3 internal error (a bug: --debug shows
 the traceback)."""
 
 
+def install_signal_handlers() -> None:
+    """SIGTERM (and SIGHUP) end the command through the normal error path, so no temporary file is left."""
+    import signal
+
+    def terminated(signum: int, _frame: object) -> None:
+        raise BnfoldError(f"terminated by {signal.Signals(signum).name}; no partial file is left")
+
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            try:
+                signal.signal(getattr(signal, name), terminated)
+            except ValueError:  # not the main thread (an embedding program): leave its handlers alone
+                return
+
+
 class _Group(click.Group):
     """Maps every outcome to the exit-code contract: one line on stderr, never a traceback unless --debug."""
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug"))
+        install_signal_handlers()
         try:
             return super().invoke(ctx)
         except BnfoldError as error:

@@ -1,0 +1,163 @@
+"""Faults while writing: each step of the write path fails in turn; SIGTERM mid-write.
+
+Every case: one line, exit 2, no partial output, no temporary file left, the input unchanged.
+"""
+
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import randomized
+
+from bnfold import zoo
+from bnfold.cli import main
+from bnfold.export import export_keeping_bn
+
+ROOT = Path(__file__).resolve().parents[1]
+ERRNOS = [errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EXDEV, errno.EIO]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults")
+    model = randomized(zoo.build("cnn-bn"))
+    torch.save(model.state_dict(), d / "sd.pt")
+    (d / "m.onnx").write_bytes(export_keeping_bn(model, zoo.example_input("cnn-bn")).SerializeToString())
+    return d
+
+
+def _digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _fail(code):
+    def raiser(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    return raiser
+
+
+# (what to break, how): each is a step the write path takes
+STEPS = {
+    "temp file creation": ("tempfile.mkstemp", None),
+    "temp dir creation": ("tempfile.mkdtemp", None),
+    "fsync": ("os.fsync", None),
+    "rename": ("os.replace", None),
+    "write": ("torch.save", "pt"),
+    "onnx write": ("onnx.save_model", "onnx"),
+}
+
+
+@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
+@pytest.mark.parametrize("step", list(STEPS))
+@pytest.mark.parametrize("kind", ["state_dict -> .pt", "onnx -> .onnx"])
+def test_each_write_step_failing(kind, step, code, inputs, tmp_path, monkeypatch):
+    target, only = STEPS[step]
+    source = inputs / ("sd.pt" if kind.startswith("state") else "m.onnx")
+    out = tmp_path / ("o.pt" if kind.endswith(".pt") else "o.onnx")
+    if only and not out.suffix.endswith(only):
+        pytest.skip(f"{step} is not on the {out.suffix} write path")
+    if step == "temp dir creation" and out.suffix != ".onnx":
+        pytest.skip("only the ONNX writer stages in a directory")
+    if step == "temp file creation" and out.suffix == ".onnx":
+        pytest.skip("the ONNX writer stages in a directory")
+    before = _digest(source)
+    module_name, _, attr = target.rpartition(".")
+    module = __import__(module_name, fromlist=[attr])
+    monkeypatch.setattr(module, attr, _fail(code))
+    args = ["fold", str(source), "-o", str(out)] + (["--arch", "cnn-bn"] if source.suffix == ".pt" else [])
+    result = CliRunner().invoke(main, args)
+    monkeypatch.undo()
+    assert result.exit_code == 2, (result.output, result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith("bnfold: error:")]
+    assert len(errors) == 1 and "cannot write" in errors[0], result.output
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []  # no output, no temporary file
+    assert _digest(source) == before
+
+
+def test_an_unwritable_directory_is_refused_before_any_work(inputs, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = CliRunner().invoke(main, ["fold", str(inputs / "m.onnx"), "-o", str(locked / "o.onnx")])
+        if os.geteuid() == 0:  # root writes anywhere: the write itself must then succeed
+            assert result.exit_code == 0, result.output
+        else:
+            assert result.exit_code == 2 and "not writable" in result.output
+    finally:
+        locked.chmod(0o700)
+
+
+def test_sigterm_mid_write_leaves_nothing(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from bnfold.cli import install_signal_handlers
+        from bnfold.errors import BnfoldError
+        from bnfold.io import atomic_write
+        install_signal_handlers()
+
+        def slow(tmp):
+            with open(tmp, "wb") as f:
+                f.write(b"partial")
+                f.flush()
+                print("writing", flush=True)
+                time.sleep(30)
+
+        try:
+            atomic_write({str(tmp_path / "out.bin")!r}, slow)
+        except BnfoldError as error:
+            print("bnfold: error:", error, file=sys.stderr)
+            sys.exit(2)
+        """
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "writing"
+    assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # mid-write: the temporary file exists
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=20)
+    assert process.returncode == 2, err
+    assert err.strip().splitlines() == ["bnfold: error: terminated by SIGTERM; no partial file is left"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_to_the_cli_mid_fold(inputs, tmp_path):
+    """The real command: SIGTERM while it works ends with exit 2, one line, and nothing written."""
+    out = tmp_path / "o.onnx"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bnfold", "fold", str(inputs / "m.onnx"), "-o", str(out), "--bench"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tempfile.gettempdir(),
+    )
+    deadline = time.monotonic() + 60
+    line = ""
+    while "bench" not in line and time.monotonic() < deadline:  # wait until it is past loading
+        line = process.stderr.readline()
+        if not line and process.poll() is not None:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 2, err  # the bench stage runs for seconds: the signal lands before it ends
+    assert [x for x in err.splitlines() if x.startswith("bnfold: error:")] == [
+        "bnfold: error: terminated by SIGTERM; no partial file is left"
+    ]
+    assert not any(p.name.endswith(".tmp") or p.name.startswith(".o.onnx") for p in tmp_path.iterdir())
