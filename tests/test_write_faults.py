@@ -47,30 +47,29 @@ def _fail(code):
     return raiser
 
 
-# (what to break, how): each is a step the write path takes
+# the steps of each write path, and the function each step calls
 STEPS = {
-    "temp file creation": ("tempfile.mkstemp", None),
-    "temp dir creation": ("tempfile.mkdtemp", None),
-    "fsync": ("os.fsync", None),
-    "rename": ("os.replace", None),
-    "write": ("torch.save", "pt"),
-    "onnx write": ("onnx.save_model", "onnx"),
+    "state_dict -> .pt": {
+        "temp file creation": "tempfile.mkstemp",
+        "write": "torch.save",
+        "fsync": "os.fsync",
+        "rename": "os.replace",
+    },
+    "onnx -> .onnx": {
+        "temp dir creation": "tempfile.mkdtemp",
+        "write": "onnx.save_model",
+        "fsync": "os.fsync",
+        "rename": "os.replace",
+    },
 }
+CASES = [(kind, step, code) for kind, steps in STEPS.items() for step in steps for code in ERRNOS]
 
 
-@pytest.mark.parametrize("code", ERRNOS, ids=errno.errorcode.get)
-@pytest.mark.parametrize("step", list(STEPS))
-@pytest.mark.parametrize("kind", ["state_dict -> .pt", "onnx -> .onnx"])
+@pytest.mark.parametrize(("kind", "step", "code"), CASES, ids=[f"{k}-{s}-{errno.errorcode[c]}" for k, s, c in CASES])
 def test_each_write_step_failing(kind, step, code, inputs, tmp_path, monkeypatch):
-    target, only = STEPS[step]
+    target = STEPS[kind][step]
     source = inputs / ("sd.pt" if kind.startswith("state") else "m.onnx")
     out = tmp_path / ("o.pt" if kind.endswith(".pt") else "o.onnx")
-    if only and not out.suffix.endswith(only):
-        pytest.skip(f"{step} is not on the {out.suffix} write path")
-    if step == "temp dir creation" and out.suffix != ".onnx":
-        pytest.skip("only the ONNX writer stages in a directory")
-    if step == "temp file creation" and out.suffix == ".onnx":
-        pytest.skip("the ONNX writer stages in a directory")
     before = _digest(source)
     module_name, _, attr = target.rpartition(".")
     module = __import__(module_name, fromlist=[attr])
