@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bnfold  # noqa: E402
 from bnfold.compare import fold_error  # noqa: E402
 from bnfold.export import export_keeping_bn  # noqa: E402
+from bnfold.report import reason_class  # noqa: E402
 from bnfold.zoo import randomize_batchnorm  # noqa: E402
 
 FAST = [
@@ -57,37 +58,6 @@ FAST = [
     "tv:shufflenet_v2_x0_5",
     "tv:googlenet",
 ]
-
-# reason text -> class: what no exact fold can remove, and why (one class for each direction tried)
-REASON_CLASSES = [
-    (r"not called by forward", "not run by forward (unused module, e.g. an aux head)"),
-    (r"applies more after BN", "an activation follows inside the BN-act module"),
-    (r"zero-pads", "the next layer zero-pads"),
-    (r"following ConvTranspose", "the next layer is a ConvTranspose"),
-    (r"model output|graph output|graph input|model input|output is unused", "model input or output"),
-    (r"also read by|read by \d+ (consumers|operations)", "the value is also read elsewhere"),
-    (r"is not a Conv|not a Conv/Linear|is unknown", "the neighbour is not a linear layer"),
-    (r"track_running_stats|batch statistics|training_mode|training=True", "uses batch statistics"),
-    (r"custom forward|not traceable", "custom forward not understood"),
-    (r"called \d+ time|registered under", "module called or registered more than once"),
-    (r"channel|axis|rank", "channel axis does not line up"),
-    (r"overflow", "would overflow the dtype"),
-]
-
-
-def _side_class(text: str) -> str:
-    for pattern, name in REASON_CLASSES:
-        if re.search(pattern, text):
-            return name
-    return "other: " + text[:60]
-
-
-def reason_class(reason: str) -> str:
-    """The class of a kept BN: one per direction tried (``before: ...; after: ...``)."""
-    parts = re.findall(r"(before|after): (.*?)(?=; after: |$)", reason)
-    if not parts:
-        return _side_class(reason)
-    return "; ".join(f"{side}: {_side_class(text)}" for side, text in parts)
 
 
 def build(spec: str) -> nn.Module:

@@ -171,11 +171,19 @@ def _onnx_shape(model: onnx.ModelProto, batch: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size an ONNX model's first input fixes, if it fixes one."""
+    initializers = {t.name for t in model.graph.initializer}
+    value = next((i for i in model.graph.input if i.name not in initializers), None)
+    dims = value.type.tensor_type.shape.dim if value is not None else []
+    return dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+
+
 def benchmark(
     model: nn.Module | onnx.ModelProto | str | os.PathLike,
     *,
     runtimes: tuple[str, ...] | None = None,
-    batch_sizes: tuple[int, ...] = (1,),
+    batch_sizes: tuple[int, ...] | None = None,
     warmup: int = 10,
     iterations: int = 100,
     input_shape: tuple[int, ...] | None = None,
@@ -187,7 +195,7 @@ def benchmark(
     Args:
         model: A torch module, an ONNX model, or a path to either.
         runtimes: Default ``torch-cpu`` for a module, ``ort-cpu`` and ``ort-cpu-opt`` for ONNX.
-        batch_sizes: Batch sizes to measure.
+        batch_sizes: Batch sizes to measure; by default the batch an ONNX model fixes, else 1.
         warmup: Untimed calls first.
         iterations: Timed calls.
         input_shape: One input's shape (the batch axis is replaced); needed for torch modules.
@@ -221,6 +229,9 @@ def benchmark(
         check_available(runtime)
     if is_module and input_shape is None:
         raise BnfoldError("benchmarking a torch module needs an input shape (--input-shape)")
+    if not batch_sizes:
+        fixed = _fixed_batch(model) if isinstance(model, onnx.ModelProto) and input_shape is None else None
+        batch_sizes = (fixed or 1,)
     if iterations < 1 or warmup < 0 or any(b < 1 for b in batch_sizes):
         raise BnfoldError("iterations and batch sizes must be positive, warmup non-negative")
     jobs = [(r, b) for r in runtimes for b in batch_sizes]

@@ -160,11 +160,21 @@ def _stage(quiet: bool) -> Callable[[str], None]:
 @_trust_option
 @click.option("--verify", "do_verify", is_flag=True, help="Check the result against the original in float64.")
 @click.option("--bench", "do_bench", is_flag=True, help="Time the original and the result.")
+@click.option(
+    "--runtime", "runtimes", multiple=True, help="For --verify/--bench: torch-cpu, ort-cpu, ort-cpu-opt, ort-cuda, ..."
+)
+@click.option("--rtol", type=float, help="--verify: relative tolerance (default by dtype).")
+@click.option("--atol", type=float, help="--verify: absolute tolerance (default: per-element rule).")
+@click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help="--verify: inputs as .npy or .npz.")
+@click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="--bench: repeatable batch sizes.")
+@click.option("--warmup", default=10, show_default=True, help="--bench: untimed calls first.")
+@click.option("--iterations", default=50, show_default=True, help="--bench: timed calls per measurement.")
 @click.option("--simplify", is_flag=True, help="Run onnx-simplifier on an ONNX output (kept only if it verifies).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
 @click.option("--force", is_flag=True, help="Replace existing output files.")
 @_json_option
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+@click.option("--summary", is_flag=True, help="Counts by outcome and reason instead of one row per BN.")
 def fold(
     model_path: str,
     output: str | None,
@@ -176,21 +186,48 @@ def fold(
     trust_arch: bool,
     do_verify: bool,
     do_bench: bool,
+    runtimes: tuple[str, ...],
+    rtol: float | None,
+    atol: float | None,
+    inputs_path: str | None,
+    batch_sizes: tuple[int, ...],
+    warmup: int,
+    iterations: int,
     simplify: bool,
     report_path: str | None,
     force: bool,
     as_json: bool,
     quiet: bool,
+    summary: bool,
 ) -> None:
     """Fold every foldable BN of MODEL; optionally export, verify and benchmark the result.
 
     MODEL is any file bnfold reads (ONNX, state_dict + --arch, safetensors + --arch,
-    bnfold checkpoints, TorchScript, torch.export .pt2). Exit status: 0 done,
-    1 the result does not match the original (--verify), 2 a usage or input error.
+    bnfold checkpoints, TorchScript, torch.export .pt2). The output's suffix picks its
+    format: .onnx, .pt, .pt2 or .safetensors.
+
+    \b
+    Examples:
+      bnfold fold model.onnx -o model.folded.onnx
+      bnfold fold weights.pt --arch resnet-tiny -o model.onnx --verify --bench
+      bnfold fold ckpt.pt -o folded.pt --report fold.json --json
+
+    \b
+    Exit status: 0 done; 1 the result does not match the original (--verify);
+    2 bad input, usage or environment; 3 internal error (a bug).
     """
     from bnfold.pipeline import run_pipeline, summary_text
 
     check_outputs({"-o": output, "--report": report_path}, force=force, inputs=[model_path])
+    from bnfold.runtimes import check_available
+
+    for runtime in runtimes:
+        check_available(runtime)
+    if iterations < 1 or warmup < 0 or any(b < 1 for b in batch_sizes):
+        raise BnfoldError("--iterations and --batch-size must be positive, --warmup non-negative")
+    verify_options: dict[str, Any] = {"runtimes": runtimes or None, "rtol": rtol, "atol": atol}
+    verify_options["inputs"] = _read_inputs(inputs_path)
+    bench_options = {"runtimes": runtimes or None, "batch_sizes": batch_sizes or None, "warmup": warmup}
     result = run_pipeline(
         model_path,
         output,
@@ -204,10 +241,13 @@ def fold(
         do_bench=do_bench,
         simplify=simplify,
         stage=_stage(quiet),
+        bench_iterations=iterations,
+        verify_options=verify_options,
+        bench_options=bench_options,
     )
     if report_path:
         atomic_write(report_path, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n"))
-    _emit(as_json, quiet, result.to_dict(), summary_text(result))
+    _emit(as_json, quiet, result.to_dict(), summary_text(result, summary=summary))
     if not result.passed:
         sys.exit(1)
 
@@ -221,6 +261,7 @@ def fold(
 @_unsafe_option
 @_trust_option
 @_json_option
+@click.option("--summary", is_flag=True, help="Counts by outcome and reason instead of one row per BN.")
 def inspect(
     model_path: str,
     arch: str | None,
@@ -230,8 +271,19 @@ def inspect(
     unsafe_pickle: bool,
     trust_arch: bool,
     as_json: bool,
+    summary: bool,
 ) -> None:
-    """List every BN of MODEL and whether (or why not) it would fold. Writes nothing."""
+    """List every BN of MODEL and whether (or why not) it would fold. Writes nothing.
+
+    \b
+    Examples:
+      bnfold inspect model.onnx
+      bnfold inspect weights.pt --arch resnet-tiny --summary
+      bnfold inspect ckpt.pt --json
+
+    \b
+    Exit status: 0 done; 2 bad input, usage or environment; 3 internal error (a bug).
+    """
     from bnfold.pipeline import run_pipeline
 
     result = run_pipeline(
@@ -244,7 +296,7 @@ def inspect(
         trust_arch=trust_arch,
         allow_initializer_inputs=allow_initializer_inputs,
     )
-    _emit(as_json, False, result.report.to_dict(), str(result.report))
+    _emit(as_json, False, result.report.to_dict(), result.report.render(dry_run=True, summary=summary))
 
 
 @main.command(name="verify")
@@ -276,7 +328,18 @@ def verify_command(
 ) -> None:
     """Check that CANDIDATE computes what REFERENCE computes, against float64 truth.
 
-    Exit status: 0 match, 1 mismatch, 2 usage or input error.
+    Each element is judged on its own scale: its channel's (or column's) largest
+    value and the original's own rounding error there.
+
+    \b
+    Examples:
+      bnfold verify model.onnx model.folded.onnx
+      bnfold verify weights.pt folded.pt --arch resnet-tiny --input-shape 8,1,8,8
+      bnfold verify a.onnx b.onnx --inputs real_batch.npz --runtime ort-cpu --json
+
+    \b
+    Exit status: 0 match; 1 mismatch; 2 bad input, usage or environment;
+    3 internal error (a bug).
     """
     from bnfold.loading import load_detailed
     from bnfold.verify import verify
@@ -321,7 +384,9 @@ def _read_inputs(path: str | None) -> list | None:
 @_unsafe_option
 @_trust_option
 @click.option("--runtime", "runtimes", multiple=True, help="torch-cpu, torch-cuda, ort-cpu, ort-cpu-opt, ort-cuda, ...")
-@click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="Repeatable; default 1.")
+@click.option(
+    "--batch-size", "batch_sizes", multiple=True, type=int, help="Repeatable; default the model's fixed batch, else 1."
+)
 @click.option("--warmup", default=10, show_default=True, help="Untimed calls first.")
 @click.option("--iterations", default=100, show_default=True, help="Timed calls per measurement.")
 @click.option("--chart", type=click.Path(dir_okay=False), help="With two models: write a PNG bar chart.")
@@ -342,7 +407,18 @@ def bench_command(
     force: bool,
     as_json: bool,
 ) -> None:
-    """Latency (p50/p90/p99 ms) and throughput of MODEL, or of MODEL vs FOLDED side by side."""
+    """Latency (p50/p90/p99 ms) and throughput of MODEL, or of MODEL vs FOLDED side by side.
+
+    \b
+    Examples:
+      bnfold bench model.onnx
+      bnfold bench original.onnx folded.onnx --batch-size 1 --batch-size 32 --chart speed.png
+      bnfold bench ckpt.pt --runtime torch-cpu --iterations 500 --json
+
+    \b
+    Exit status: 0 done; 2 bad input, usage or environment (a runtime that is not
+    installed included); 3 internal error (a bug).
+    """
     from bnfold.bench import benchmark, compare
     from bnfold.loading import load_detailed
 
@@ -361,7 +437,7 @@ def bench_command(
             benchmark(
                 loaded.model,
                 runtimes=runtimes or None,
-                batch_sizes=batch_sizes or (1,),
+                batch_sizes=batch_sizes or None,
                 warmup=warmup,
                 iterations=iterations,
                 input_shape=shape,
@@ -418,6 +494,15 @@ def train_command(
     """Train a BN network and give it population statistics (Algorithm 2); also under torchrun.
 
     The checkpoint is self-describing: `bnfold fold CKPT` needs no --arch.
+
+    \b
+    Examples:
+      bnfold train --arch resnet-tiny --epochs 10 -o ckpt.pt
+      torchrun --nproc-per-node 2 -m bnfold train --arch resnet-tiny -o ddp.pt
+      bnfold train --experiment paper-mnist -o figure.png
+
+    \b
+    Exit status: 0 done; 2 bad input, usage or environment; 3 internal error (a bug).
     """
     import os
 
@@ -473,7 +558,13 @@ def train_command(
 
 @main.command(name="zoo")
 def zoo_command() -> None:
-    """List the built-in architectures."""
+    """List the built-in architectures.
+
+    \b
+    Example:
+      bnfold zoo
+    Exit status: 0.
+    """
     for name, entry in zoo.ZOO.items():
         shape = ",".join(str(d) for d in entry.input_shape)
         click.echo(f"{name:<15} input N,{shape:<10} {entry.description}")
@@ -486,7 +577,16 @@ def zoo_command() -> None:
 @click.option("--arch", default=None, help="One zoo model instead of all of them.")
 @_json_option
 def demo(checkpoint: str | None, arch: str | None, as_json: bool) -> None:
-    """The main job end to end: a trained model folded, exported and verified; then every zoo model folded."""
+    """The main job end to end: a trained model folded, exported and verified; then every zoo model folded.
+
+    \b
+    Examples:
+      bnfold demo --checkpoint models/resnet-tiny.pt
+      bnfold demo --arch cnn-bn --json
+
+    \b
+    Exit status: 0 done; 2 bad input or environment; 3 internal error (a bug).
+    """
     from bnfold.demo import run_demo, run_trained_demo
 
     trained = run_trained_demo(checkpoint)

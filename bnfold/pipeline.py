@@ -153,6 +153,8 @@ def run_pipeline(
     simplify: bool = False,
     bench_iterations: int = 50,
     stage: Callable[[str], None] = lambda message: None,
+    verify_options: dict[str, Any] | None = None,
+    bench_options: dict[str, Any] | None = None,
 ) -> PipelineResult:
     """Load ``path``, fold it, write ``output`` (format from its suffix), verify and benchmark.
 
@@ -168,7 +170,10 @@ def run_pipeline(
         do_verify: Compare the result with the original against float64.
         do_bench: Time the original and the result.
         simplify: Run onnx-simplifier on an ONNX output (kept only if it verifies).
-        bench_iterations: Timed calls per measurement.
+        bench_iterations: Timed calls per measurement (unless ``bench_options`` says).
+        verify_options: ``runtimes``, ``rtol``, ``atol``, ``inputs`` for :func:`bnfold.verify`
+            (runtimes that cannot run a model are left out for it).
+        bench_options: ``runtimes``, ``batch_sizes``, ``warmup``, ``iterations`` for :func:`bnfold.benchmark`.
         stage: Called with a short message as each stage starts.
 
     Returns:
@@ -177,6 +182,8 @@ def run_pipeline(
     Raises:
         BnfoldError: Any user-fixable problem, before anything is written.
     """
+    check_opts = _verify_kwargs(verify_options)
+    time_opts = {"iterations": bench_iterations, "progress": False, **(bench_options or {})}
     out = Path(output) if output else None
     if out is not None and out.suffix not in OUTPUT_SUFFIXES:
         raise BnfoldError(
@@ -201,17 +208,14 @@ def run_pipeline(
             result.bn_left_in_output = _bn_nodes(folded_proto)
         if do_verify:
             stage("verify")
-            check = verify(loaded.model, folded_proto, input_shapes=input_shapes).to_dict()
+            check = verify(loaded.model, folded_proto, input_shapes=input_shapes, **_for(check_opts, onnx=True))
+            check = check.to_dict()
             result.verify = {"passed": check["passed"], "onnx": check}
         if do_bench:
             stage("bench")
             shape = input_shapes[0] if input_shapes else None
-            before = benchmark(
-                loaded.model, input_shape=shape, iterations=bench_iterations, label="original", progress=False
-            )
-            after = benchmark(
-                folded_proto, input_shape=shape, iterations=bench_iterations, label="folded", progress=False
-            )
+            before = benchmark(loaded.model, input_shape=shape, label="original", **_for(time_opts, onnx=True))
+            after = benchmark(folded_proto, input_shape=shape, label="folded", **_for(time_opts, onnx=True))
             result.bench = {"original": before.to_dict(), "folded": after.to_dict(), "compare": compare(before, after)}
         return result
     model = loaded.model
@@ -253,9 +257,9 @@ def run_pipeline(
         if inputs is None:
             raise BnfoldError("--verify needs an input shape (--input-shape)")
         shapes = [tuple(x.shape) for x in inputs]
-        checks = {"torch": verify(model, folded, input_shapes=shapes).to_dict()}
+        checks = {"torch": verify(model, folded, input_shapes=shapes, **_for(check_opts, onnx=False)).to_dict()}
         if exported is not None:
-            checks["onnx"] = verify(model, exported, input_shapes=shapes).to_dict()
+            checks["onnx"] = verify(model, exported, input_shapes=shapes, **_for(check_opts, onnx=True)).to_dict()
         result.verify = {"passed": all(c["passed"] for c in checks.values()), **checks}
     if do_bench:
         stage("bench")
@@ -265,14 +269,32 @@ def run_pipeline(
         if exported is not None:
             original = export_keeping_bn(model, inputs)
             result.notes.append("bench baseline: the original exported by the TorchScript exporter with every BN kept")
-            before = benchmark(
-                original, input_shape=shape, iterations=bench_iterations, label="original (BN kept)", progress=False
-            )
-            after = benchmark(exported, input_shape=shape, iterations=bench_iterations, label="folded", progress=False)
+            opts = _for(time_opts, onnx=True)
+            before = benchmark(original, input_shape=shape, label="original (BN kept)", **opts)
+            after = benchmark(exported, input_shape=shape, label="folded", **opts)
         else:
-            before = benchmark(model, input_shape=shape, iterations=bench_iterations, label="original", progress=False)
-            after = benchmark(folded, input_shape=shape, iterations=bench_iterations, label="folded", progress=False)
+            before = benchmark(model, input_shape=shape, label="original", **_for(time_opts, onnx=False))
+            after = benchmark(folded, input_shape=shape, label="folded", **_for(time_opts, onnx=False))
         result.bench = {"original": before.to_dict(), "folded": after.to_dict(), "compare": compare(before, after)}
+    return result
+
+
+def _verify_kwargs(options: dict[str, Any] | None) -> dict[str, Any]:
+    options = dict(options or {})
+    unknown = set(options) - {"runtimes", "rtol", "atol", "inputs"}
+    if unknown:
+        raise BnfoldError(f"unknown verify option(s): {', '.join(sorted(unknown))}")
+    return options
+
+
+def _for(options: dict[str, Any], *, onnx: bool) -> dict[str, Any]:
+    """The options with only the runtimes that can run this kind of model (None: that kind's default)."""
+    from bnfold.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES
+
+    result = dict(options)
+    if "runtimes" in result:
+        allowed = ONNX_RUNTIMES if onnx else TORCH_RUNTIMES
+        result["runtimes"] = tuple(r for r in result["runtimes"] or () if r in allowed) or None
     return result
 
 
@@ -280,13 +302,13 @@ def _bn_nodes(model: onnx.ModelProto) -> int:
     return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
 
 
-def summary_text(result: PipelineResult) -> str:
-    """The final summary a person reads."""
-    lines = [str(result.report)]
+def summary_text(result: PipelineResult, *, summary: bool = False) -> str:
+    """The final summary a person reads (``summary``: counts by outcome and reason, not one row per BN)."""
+    lines = [result.report.render(summary=summary)]
     if result.onnx_report is not None:
         sweep = result.onnx_report
         if sweep.bn_total:
-            lines += ["second sweep over the ONNX export:", str(sweep)]
+            lines += ["second sweep over the ONNX export:", sweep.render(summary=summary)]
         else:
             lines.append("second sweep over the ONNX export: no BatchNormalization left by the exporter")
     if result.output:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,6 +19,7 @@ __all__ = [
     "FoldReport",
     "LayerEntry",
     "first_fold",
+    "reason_class",
 ]
 
 FOLDED_INTO_PRECEDING = "folded into preceding"
@@ -108,20 +111,80 @@ class FoldReport:
 
     def __str__(self) -> str:
         """A readable table: one row per BN, then the totals."""
+        return self.render()
+
+    def render(self, *, dry_run: bool = False, summary: bool = False) -> str:
+        """The report as text.
+
+        Args:
+            dry_run: Say "would fold" (``bnfold inspect``: nothing is written).
+            summary: Counts by outcome and by reason class instead of one row per BN.
+        """
+        verb = "would fold" if dry_run else "folded"
+        if summary:
+            return self._summary(verb)
         rows = [("BN", "kind", "action", "into / reason")]
         for layer in self.layers:
             detail = ", ".join(layer.targets) if layer.folded else layer.reason
             if layer.notes:
                 detail += f" ({'; '.join(layer.notes)})"
-            rows.append((layer.name, layer.kind, layer.action, detail))
+            action = layer.action.replace("folded", "would fold") if dry_run else layer.action
+            rows.append((layer.name, layer.kind, action, detail))
         widths = [max(len(row[i]) for row in rows) for i in range(3)]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3] for row in rows]
         lines.insert(1, "-" * min(100, sum(widths) + 6 + max(len(row[3]) for row in rows)))
-        lines.append(
-            f"{self.bn_total} BatchNorm(s): {self.bn_folded} folded, {self.bn_kept} kept (data flow: {self.method})"
-        )
+        lines.append(self._totals(verb))
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(line.rstrip() for line in lines)
+
+    def _totals(self, verb: str) -> str:
+        return f"{self.bn_total} BatchNorm(s): {self.bn_folded} {verb}, {self.bn_kept} kept (data flow: {self.method})"
+
+    def _summary(self, verb: str) -> str:
+        outcomes = collections.Counter(layer.action for layer in self.layers)
+        reasons = collections.Counter(reason_class(layer.reason) for layer in self.layers if not layer.folded)
+        lines = [self._totals(verb)]
+        lines += [f"  {count:>6}  {action.replace('folded', verb)}" for action, count in outcomes.most_common()]
+        if reasons:
+            lines.append("kept, by reason:")
+            lines += [f"  {count:>6}  {name}" for name, count in reasons.most_common()]
+        lines.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+# why a BN was kept, as a class: what no exact fold can remove (one class for each direction tried)
+REASON_CLASSES = [
+    (r"not called by forward", "not run by forward (unused module, e.g. an aux head)"),
+    (r"applies more after BN", "an activation follows inside the BN-act module"),
+    (r"zero-pads", "the next layer zero-pads"),
+    (r"following ConvTranspose", "the next layer is a ConvTranspose"),
+    (r"model output|graph output|graph input|model input|output is unused", "model input or output"),
+    (r"also read by|read by \d+ (consumers|operations)", "the value is also read elsewhere"),
+    (r"is not a Conv|not a Conv/Linear|is unknown", "the neighbour is not a linear layer"),
+    (r"track_running_stats|batch statistics|training_mode|training=True", "uses batch statistics"),
+    (r"custom forward|not traceable", "custom forward not understood"),
+    (r"called \d+ time|registered under|hooks|parametriz", "module shared, hooked or parametrized"),
+    (r"weight|tied", "the layer's weight is shared or read elsewhere"),
+    (r"channel|axis|rank", "channel axis does not line up"),
+    (r"overflow|not finite|negative|divides by zero", "statistics unusable (overflow, negative, non-finite)"),
+    (r"constant", "a parameter is not a constant"),
+]
+
+
+def _side_class(text: str) -> str:
+    for pattern, name in REASON_CLASSES:
+        if re.search(pattern, text):
+            return name
+    return "other: " + text[:60]
+
+
+def reason_class(reason: str | None) -> str:
+    """The class of a kept BN's reason: one per direction tried (``before: ...; after: ...``)."""
+    reason = reason or ""
+    parts = re.findall(r"(before|after): (.*?)(?=; after: |$)", reason)
+    if not parts:
+        return _side_class(reason)
+    return "; ".join(f"{side}: {_side_class(text)}" for side, text in parts)
 
 
 # (label for the reason, action on success, attempt(notes) -> targets; raises FoldRefused)
