@@ -103,6 +103,11 @@ def _time_torch(model: nn.Module, shape: tuple[int, ...], runtime: str, warmup: 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     samples = []
     with torch.inference_mode():
+        try:
+            model(x)  # a first call outside the timing: the model checks the shape here
+        except Exception as error:  # noqa: BLE001 - the model decides what it accepts
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            raise BnfoldError(f"the model rejects input shape {','.join(map(str, shape))}: {first}") from None
         for i in range(warmup + iterations):
             sync()
             t0 = time.perf_counter()
@@ -124,8 +129,11 @@ def _time_ort(model: onnx.ModelProto, shape: tuple[int, ...], runtime: str, warm
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     source = model.SerializeToString()
+    from bnfold.onnx_eval import ort_errors
+
     start = time.perf_counter()
-    session = ort.InferenceSession(source, options, providers=ort_providers(runtime))
+    with ort_errors():
+        session = ort.InferenceSession(source, options, providers=ort_providers(runtime))
     session_ms = 1000 * (time.perf_counter() - start)
     inputs = session.get_inputs()
     if len(inputs) != 1:
@@ -146,6 +154,8 @@ def _time_ort(model: onnx.ModelProto, shape: tuple[int, ...], runtime: str, warm
                 samples.append(time.perf_counter() - t0)
     else:
         feeds = {inputs[0].name: x}
+        with ort_errors():
+            session.run(None, feeds)  # a first call outside the timing: ONNX Runtime checks the shapes here
         for i in range(warmup + iterations):
             t0 = time.perf_counter()
             session.run(None, feeds)
@@ -230,7 +240,7 @@ def benchmark(
     if is_module and input_shape is None:
         raise BnfoldError("benchmarking a torch module needs an input shape (--input-shape)")
     if not batch_sizes:
-        fixed = _fixed_batch(model) if isinstance(model, onnx.ModelProto) and input_shape is None else None
+        fixed = _fixed_batch(model) if isinstance(model, onnx.ModelProto) else None
         batch_sizes = (fixed or 1,)
     if iterations < 1 or warmup < 0 or any(b < 1 for b in batch_sizes):
         raise BnfoldError("iterations and batch sizes must be positive, warmup non-negative")

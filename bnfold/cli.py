@@ -79,6 +79,11 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug"))
         install_signal_handlers()
+        if not debug:  # libraries' deprecation notices are not the user's business; --debug shows them
+            import warnings
+
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category)
         try:
             return super().invoke(ctx)
         except BnfoldError as error:
@@ -218,6 +223,10 @@ def fold(
     """
     from bnfold.pipeline import run_pipeline, summary_text
 
+    if quiet:
+        import warnings
+
+        warnings.simplefilter("ignore")
     check_outputs({"-o": output, "--report": report_path}, force=force, inputs=[model_path])
     from bnfold.runtimes import check_available
 

@@ -111,6 +111,9 @@ def export_keeping_bn(model: nn.Module, example_inputs: Any, *, dynamic_batch: b
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     with _quiet(), torch.no_grad():
+        if isinstance(model, torch.fx.GraphModule):  # a torch.export program's module: TorchScript cannot take it
+            program = torch.onnx.export(model, inputs, dynamo=True, optimize=False, input_names=_names(inputs))
+            return program.model_proto
         return _torchscript(model.eval(), inputs, None, dynamic_batch, keep_bn=True)
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from bnfold.errors import BnfoldError
 
 __all__ = ["as_float64", "reference_float64", "run_ort"]
 
@@ -127,7 +132,13 @@ def reference_float64(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> l
 
     evaluator = ReferenceEvaluator(as_float64(model), new_ops=[_inference_batch_norm(), _conv_transpose()])
     cast = {k: v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) else v for k, v in feeds.items()}
-    return [np.asarray(o) for o in evaluator.run(None, cast)]
+    try:
+        return [np.asarray(o) for o in evaluator.run(None, cast)]
+    except (RuntimeError, ValueError, TypeError, NotImplementedError, KeyError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise BnfoldError(
+            f"the ONNX reference evaluator cannot run the model in float64 ({type(error).__name__}: {first})"
+        ) from None
 
 
 def run_ort(
@@ -146,5 +157,18 @@ def run_ort(
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     source = model if isinstance(model, str) else model.SerializeToString()
-    session = ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
-    return [np.asarray(o) for o in session.run(None, feeds)]
+    with ort_errors():
+        session = ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
+        return [np.asarray(o) for o in session.run(None, feeds)]
+
+
+@contextlib.contextmanager
+def ort_errors() -> Iterator[None]:
+    """ONNX Runtime refusing a model or its inputs is a one-line :class:`BnfoldError`, not a crash."""
+    try:
+        yield
+    except Exception as error:
+        if not type(error).__module__.startswith("onnxruntime"):
+            raise
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise BnfoldError(f"ONNX Runtime cannot run the model ({first[:200]})") from None

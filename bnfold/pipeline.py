@@ -109,6 +109,20 @@ def _check_var(var: torch.Tensor, where: str) -> None:
         raise BnfoldError(f"{where} has a negative running_var")
 
 
+def _check_output_kind(loaded: Loaded, out: Path) -> None:
+    """Refuse, before any work, an output format that cannot hold what was loaded."""
+    scripted = isinstance(loaded.model, torch.jit.ScriptModule)
+    if isinstance(loaded.model, onnx.ModelProto):
+        if out.suffix != ".onnx":
+            raise BnfoldError(f"{out}: an ONNX input is written as .onnx")
+    elif scripted and out.suffix == ".pt2":
+        raise BnfoldError(f"{out}: a TorchScript model cannot be written as .pt2 (torch.export takes no ScriptModule)")
+    elif out.suffix in (".pt", ".pth") and not loaded.arch and not scripted:
+        raise BnfoldError(f"{out}: a .pt output needs the architecture (--arch); write .onnx or .pt2 instead")
+    elif out.suffix == ".safetensors" and not loaded.arch:
+        raise BnfoldError(f"{out}: a .safetensors output needs the architecture (--arch)")
+
+
 def _save_torch(output: Path, folded: nn.Module, report: FoldReport, loaded: Loaded, inputs: tuple | None) -> None:
     suffix = output.suffix
     if suffix in (".pt", ".pth"):
@@ -191,6 +205,8 @@ def run_pipeline(
         )
     stage("load")
     loaded = load_detailed(path, arch, arch_kwargs, unsafe_pickle=unsafe_pickle, trust_arch=trust_arch)
+    if out is not None:
+        _check_output_kind(loaded, out)
     if not isinstance(loaded.model, torch.jit.ScriptModule):
         _check_statistics(loaded.model, str(path))
     if isinstance(loaded.model, onnx.ModelProto):
@@ -266,6 +282,8 @@ def run_pipeline(
         if inputs is None:
             raise BnfoldError("--bench needs an input shape (--input-shape)")
         shape = tuple(inputs[0].shape)
+        if loaded.format == "torch-export" and not time_opts.get("batch_sizes"):
+            time_opts["batch_sizes"] = (shape[0],)  # a torch.export program runs the shapes it was exported with
         if exported is not None:
             original = export_keeping_bn(model, inputs)
             result.notes.append("bench baseline: the original exported by the TorchScript exporter with every BN kept")
