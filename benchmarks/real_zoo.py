@@ -69,7 +69,10 @@ def build(spec: str) -> nn.Module:
         return timm.create_model(name, pretrained=False)
     import torchvision
 
-    return torchvision.models.get_model(name, weights=None)
+    try:  # detection and segmentation models would download backbone weights by default
+        return torchvision.models.get_model(name, weights=None, weights_backbone=None)
+    except TypeError:
+        return torchvision.models.get_model(name, weights=None)
 
 
 def bn_count(model: nn.Module) -> int:
@@ -97,7 +100,7 @@ def smallest_input(model: nn.Module, spec: str) -> torch.Tensor | None:
     channels = 3
     sizes = (32, 64, 96, 128, 160, 224)
     if spec.startswith("tv:") and any(k in spec for k in ("r3d", "mc3", "r2plus1d", "s3d", "mvit", "swin3d")):
-        shapes = [(1, 3, 8, s, s) for s in sizes]
+        shapes = [(1, 3, frames, s, s) for frames in (8, 16) for s in sizes]
     else:
         shapes = [(1, channels, s, s) for s in sizes]
     for shape in shapes:
@@ -143,7 +146,9 @@ def _onnx_error(model: nn.Module, proto, x: torch.Tensor) -> float:  # noqa: ANN
 
     truth = run_torch64(model, [x.numpy()])[0]
     got = run_onnx(proto, [x.numpy()], "ort-cpu")[0]
-    return float(np.abs(got - truth).max() / np.abs(truth).max())
+    if truth.size == 0:
+        return 0.0
+    return float(np.abs(got - truth).max() / (np.abs(truth).max() or 1.0))
 
 
 def sweep_one(spec: str, peers: str) -> dict:
@@ -177,9 +182,14 @@ def sweep_one(spec: str, peers: str) -> dict:
     except Exception as error:  # noqa: BLE001 - a peer failing is a result
         row["bn_left_fuse"] = f"failed: {type(error).__name__}"
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
-            kept = export_keeping_bn(model, (x,))
+            try:
+                kept = export_keeping_bn(model, (x,))
+            except Exception:  # noqa: BLE001 - the exporter may need a larger input than the model (adaptive pools)
+                x = torch.randn((*x.shape[:-2], 224, 224), generator=torch.Generator().manual_seed(0))
+                kept = export_keeping_bn(model, (x,))
+                row["input_onnx"] = list(x.shape)
         row["bn_onnx_export"] = onnx_bn(kept)
         folded_proto, onnx_report = bnfold.fold_onnx(kept)
         row["bn_left_onnx"] = onnx_bn(folded_proto)
@@ -299,10 +309,14 @@ def main() -> None:
     def own(r: dict) -> float:  # the original's own float32 error, on either runtime
         return max(r.get("err_own", 0.0), r.get("err_onnx_own", 0.0))
 
-    bad = [r["model"] for r in ran if max(r.get("err_torch", 0), r.get("err_onnx", 0)) > 1.5 * own(r)]
-    print(f"  error > 1.5x the original's own float32 error (either runtime): {bad or 'none'}")
     failed = [r["model"] for r in ran if r.get("verify_torch") is False or r.get("verify_onnx") is False]
     print(f"  bnfold verify MISMATCH (torch or ONNX result): {failed or 'none'}")
+    high = [
+        f"{r['model']} ({max(r.get('err_torch', 0), r.get('err_onnx', 0)) / own(r):.2f}x)"
+        for r in ran
+        if own(r) and max(r.get("err_torch", 0), r.get("err_onnx", 0)) > 1.5 * own(r)
+    ]
+    print(f"  max error over 1.5x the original's own float32 error on this one input: {high or 'none'}")
     print("reason classes, PyTorch path:")
     for name, count in torch_classes.most_common():
         print(f"  {count:>5}  {name}")
