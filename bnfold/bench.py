@@ -199,6 +199,7 @@ def benchmark(
     input_shape: tuple[int, ...] | None = None,
     label: str = "model",
     progress: bool = True,
+    threads: int | None = None,
 ) -> BenchResult:
     """Measure latency and throughput of ``model`` on each runtime and batch size.
 
@@ -211,6 +212,7 @@ def benchmark(
         input_shape: One input's shape (the batch axis is replaced); needed for torch modules.
         label: Name shown in tables and JSON.
         progress: Show a progress bar on stderr.
+        threads: CPU threads for torch (and ONNX Runtime); default torch's current setting.
 
     Returns:
         One row per runtime and batch size.
@@ -245,6 +247,9 @@ def benchmark(
     if iterations < 1 or warmup < 0 or any(b < 1 for b in batch_sizes):
         raise BnfoldError("iterations and batch sizes must be positive, warmup non-negative")
     jobs = [(r, b) for r in runtimes for b in batch_sizes]
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     from tqdm import tqdm
 
     rows = []
@@ -254,9 +259,11 @@ def benchmark(
         else:
             shape = (batch, *input_shape[1:]) if input_shape else _onnx_shape(model, batch)
             rows.append(_time_ort(model, shape, runtime, warmup, iterations))
+    used = torch.get_num_threads()
+    torch.set_num_threads(previous)
     device = torch.cuda.get_device_name(0) if any("cuda" in r or "tensorrt" in r for r in runtimes) else "CPU"
     notes = [f"{r} skipped: it cannot run {kind} (bench the checkpoint for torch, the .onnx for ORT)" for r in skipped]
-    return BenchResult(label, rows, torch.get_num_threads(), file_mb, device, notes)
+    return BenchResult(label, rows, used, file_mb, device, notes)
 
 
 def compare(original: BenchResult, folded: BenchResult, chart: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -173,7 +173,9 @@ def _stage(quiet: bool) -> Callable[[str], None]:
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help="--verify: inputs as .npy or .npz.")
 @click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="--bench: repeatable batch sizes.")
 @click.option("--warmup", default=10, show_default=True, help="--bench: untimed calls first.")
-@click.option("--iterations", default=50, show_default=True, help="--bench: timed calls per measurement.")
+@click.option("--iterations", default=50, show_default=True, help="--bench: timed calls per model.")
+@click.option("--rounds", default=10, show_default=True, help="--bench: interleaved A/B rounds.")
+@click.option("--threads", type=int, help="--bench: CPU threads (default: the physical cores).")
 @click.option("--simplify", is_flag=True, help="Run onnx-simplifier on an ONNX output (kept only if it verifies).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the summary as JSON.")
 @click.option("--force", is_flag=True, help="Replace existing output files.")
@@ -198,6 +200,8 @@ def fold(
     batch_sizes: tuple[int, ...],
     warmup: int,
     iterations: int,
+    rounds: int,
+    threads: int | None,
     simplify: bool,
     report_path: str | None,
     force: bool,
@@ -232,11 +236,17 @@ def fold(
 
     for runtime in runtimes:
         check_available(runtime)
-    if iterations < 1 or warmup < 0 or any(b < 1 for b in batch_sizes):
-        raise BnfoldError("--iterations and --batch-size must be positive, --warmup non-negative")
+    if iterations < 1 or warmup < 0 or any(b < 1 for b in batch_sizes) or rounds < 2 or (threads or 1) < 1:
+        raise BnfoldError("--iterations, --threads and --batch-size must be positive, --rounds at least 2")
     verify_options: dict[str, Any] = {"runtimes": runtimes or None, "rtol": rtol, "atol": atol}
     verify_options["inputs"] = _read_inputs(inputs_path)
-    bench_options = {"runtimes": runtimes or None, "batch_sizes": batch_sizes or None, "warmup": warmup}
+    bench_options = {
+        "runtimes": runtimes or None,
+        "batch_sizes": batch_sizes or None,
+        "warmup": warmup,
+        "rounds": rounds,
+        "threads": threads,
+    }
     result = run_pipeline(
         model_path,
         output,
@@ -400,6 +410,8 @@ def _read_inputs(path: str | None) -> list | None:
 @click.option("--iterations", default=100, show_default=True, help="Timed calls per measurement.")
 @click.option("--chart", type=click.Path(dir_okay=False), help="With two models: write a PNG bar chart.")
 @click.option("--force", is_flag=True, help="Replace an existing --chart file.")
+@click.option("--rounds", default=10, show_default=True, help="With two models: interleaved A/B rounds.")
+@click.option("--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: the physical cores).")
 @_json_option
 def bench_command(
     models: tuple[str, ...],
@@ -414,9 +426,15 @@ def bench_command(
     iterations: int,
     chart: str | None,
     force: bool,
+    rounds: int,
+    threads: int | None,
     as_json: bool,
 ) -> None:
     """Latency (p50/p90/p99 ms) and throughput of MODEL, or of MODEL vs FOLDED side by side.
+
+    Two models are timed in interleaved rounds (A B, B A, ...); the speed-up comes
+    with a 95% bootstrap interval, and "no significant difference" where the
+    interval does not clear +-3%.
 
     \b
     Examples:
@@ -428,39 +446,84 @@ def bench_command(
     Exit status: 0 done; 2 bad input, usage or environment (a runtime that is not
     installed included); 3 internal error (a bug).
     """
-    from bnfold.bench import benchmark, compare
+    from bnfold.bench import benchmark
     from bnfold.loading import load_detailed
 
     if len(models) > 2:
         raise BnfoldError("bench takes one model, or an original and a folded model")
     if chart and len(models) != 2:
         raise BnfoldError("--chart needs two models (an original and a folded one)")
+    if iterations < 1 or warmup < 0 or rounds < 2 or (threads is not None and threads < 1):
+        raise BnfoldError("--iterations and --threads must be positive, --rounds at least 2, --warmup non-negative")
     check_outputs({"--chart": chart}, force=force, inputs=models)
     kwargs = _arch_kwargs(arch_kwargs)
     shapes = _shapes(input_shapes)
-    results = []
-    for label, path in zip(("original", "folded"), models, strict=False):
-        loaded = load_detailed(path, arch, kwargs, unsafe_pickle=unsafe_pickle, trust_arch=trust_arch)
-        shape = shapes[0] if shapes else loaded.input_shape
-        results.append(
-            benchmark(
-                loaded.model,
-                runtimes=runtimes or None,
-                batch_sizes=batch_sizes or None,
-                warmup=warmup,
-                iterations=iterations,
-                input_shape=shape,
-                label=label if len(models) == 2 else Path(path).name,
-                progress=not as_json,
-            )
+    loaded = [load_detailed(p, arch, kwargs, unsafe_pickle=unsafe_pickle, trust_arch=trust_arch) for p in models]
+    shape = shapes[0] if shapes else loaded[0].input_shape
+    if len(loaded) == 2:
+        text, payload = _bench_pair(
+            loaded[0].model, loaded[1].model, shape, runtimes, batch_sizes, warmup, iterations, rounds, threads, chart
         )
-    payload: dict[str, Any] = {"results": [r.to_dict() for r in results]}
-    text = "\n\n".join(str(r) for r in results)
-    if len(results) == 2:
-        comparison = compare(results[0], results[1], chart)
-        payload["compare"] = comparison["rows"]
-        text += "\n\n" + comparison["text"]
-    _emit(as_json, False, payload, text)
+        _emit(as_json, False, payload, text)
+        return
+    result = benchmark(
+        loaded[0].model,
+        runtimes=runtimes or None,
+        batch_sizes=batch_sizes or None,
+        warmup=warmup,
+        iterations=iterations,
+        input_shape=shape,
+        label=Path(models[0]).name,
+        progress=not as_json,
+        threads=threads,
+    )
+    _emit(as_json, False, {"results": [result.to_dict()]}, str(result))
+
+
+def _bench_pair(
+    original: Any,
+    folded: Any,
+    shape: tuple[int, ...] | None,
+    runtimes: tuple[str, ...],
+    batch_sizes: tuple[int, ...],
+    warmup: int,
+    iterations: int,
+    rounds: int,
+    threads: int | None,
+    chart: str | None,
+) -> tuple[str, dict[str, Any]]:
+    """Original vs folded, interleaved, with intervals (:mod:`bnfold.ab`); the chart from its rows."""
+    import torch
+
+    from bnfold.ab import ab_compare
+    from bnfold.bench import _chart, _fixed_batch
+    from bnfold.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES, check_available
+
+    is_module = isinstance(original, torch.nn.Module)
+    if is_module != isinstance(folded, torch.nn.Module):
+        raise BnfoldError("bench compares two models of one kind (two ONNX files, or two torch models)")
+    allowed = TORCH_RUNTIMES if is_module else ONNX_RUNTIMES
+    chosen = tuple(r for r in runtimes if r in allowed) or (("torch-cpu",) if is_module else ("ort-cpu", "ort-cpu-opt"))
+    for runtime in chosen:
+        check_available(runtime)
+    if is_module and shape is None:
+        raise BnfoldError("benchmarking torch models needs an input shape (--input-shape)")
+    fixed = None if is_module else _fixed_batch(original)
+    result = ab_compare(
+        original,
+        folded,
+        runtimes=chosen,
+        batch_sizes=batch_sizes or (fixed or 1,),
+        input_shape=shape,
+        warmup=warmup,
+        rounds=rounds,
+        per_round=max(1, -(-iterations // rounds)),
+        threads=threads,
+    )
+    rows = [r.to_dict() for r in result.rows]
+    if chart:
+        _chart(rows, chart)
+    return str(result), {"ab": result.to_dict(), "compare": rows}
 
 
 @main.command(name="train")

@@ -13,7 +13,6 @@ import onnx
 import torch
 from torch import nn
 
-from bnfold.bench import benchmark, compare
 from bnfold.checkpoint import save_folded
 from bnfold.errors import BnfoldError
 from bnfold.export import export_keeping_bn, export_onnx
@@ -230,9 +229,7 @@ def run_pipeline(
         if do_bench:
             stage("bench")
             shape = input_shapes[0] if input_shapes else None
-            before = benchmark(loaded.model, input_shape=shape, label="original", **_for(time_opts, onnx=True))
-            after = benchmark(folded_proto, input_shape=shape, label="folded", **_for(time_opts, onnx=True))
-            result.bench = {"original": before.to_dict(), "folded": after.to_dict(), "compare": compare(before, after)}
+            result.bench = _bench_ab(loaded.model, folded_proto, shape, time_opts, onnx=True)
         return result
     model = loaded.model
     inputs = _inputs(loaded, input_shapes)
@@ -287,14 +284,42 @@ def run_pipeline(
         if exported is not None:
             original = export_keeping_bn(model, inputs)
             result.notes.append("bench baseline: the original exported by the TorchScript exporter with every BN kept")
-            opts = _for(time_opts, onnx=True)
-            before = benchmark(original, input_shape=shape, label="original (BN kept)", **opts)
-            after = benchmark(exported, input_shape=shape, label="folded", **opts)
+            result.bench = _bench_ab(original, exported, shape, time_opts, onnx=True)
         else:
-            before = benchmark(model, input_shape=shape, label="original", **_for(time_opts, onnx=False))
-            after = benchmark(folded, input_shape=shape, label="folded", **_for(time_opts, onnx=False))
-        result.bench = {"original": before.to_dict(), "folded": after.to_dict(), "compare": compare(before, after)}
+            result.bench = _bench_ab(model, folded, shape, time_opts, onnx=False)
     return result
+
+
+def _bench_ab(
+    before: nn.Module | onnx.ModelProto,
+    after: nn.Module | onnx.ModelProto,
+    shape: tuple[int, ...] | None,
+    options: dict[str, Any],
+    *,
+    onnx: bool,
+) -> dict[str, Any]:
+    """Original vs folded in interleaved rounds with a bootstrap interval (:mod:`bnfold.ab`)."""
+    from bnfold.ab import ab_compare
+    from bnfold.bench import _fixed_batch
+
+    opts = _for(options, onnx=onnx)
+    runtimes = opts.get("runtimes") or (("ort-cpu", "ort-cpu-opt") if onnx else ("torch-cpu",))
+    fixed = _fixed_batch(after) if onnx else None
+    batch_sizes = opts.get("batch_sizes") or (fixed or 1,)
+    rounds = max(2, int(opts.get("rounds") or 10))
+    per_round = max(1, -(-int(opts.get("iterations") or 50) // rounds))
+    ab = ab_compare(
+        before,
+        after,
+        runtimes=tuple(runtimes),
+        batch_sizes=tuple(batch_sizes),
+        input_shape=shape,
+        warmup=int(opts.get("warmup", 10)),
+        rounds=rounds,
+        per_round=per_round,
+        threads=opts.get("threads"),
+    )
+    return {"ab": ab.to_dict(), "compare": {"rows": [r.to_dict() for r in ab.rows], "text": str(ab)}}
 
 
 def _verify_kwargs(options: dict[str, Any] | None) -> dict[str, Any]:
