@@ -12,11 +12,8 @@ round medians spread by more than 10%.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
-import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,9 +21,11 @@ import onnx
 import torch
 from torch import nn
 
+from bnfold.bench import _fixed_batch, _onnx_shape, runner, timed
 from bnfold.errors import BnfoldError
+from bnfold.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES, check_available
 
-__all__ = ["ABResult", "ABRow", "ab_compare", "default_threads"]
+__all__ = ["ABResult", "ABRow", "ab_compare", "compare_models", "default_threads"]
 
 EQUIVALENCE = 0.03  # speed-ups within +-3% are not called a difference, however tight the interval
 
@@ -94,55 +93,6 @@ class ABResult:
             lines.append(f"{r.runtime:<12} {r.batch_size:>5} {r.original_p50:>13.3f} {r.folded_p50:>11.3f}  {ratio}")
         lines += [f"warning: {r.runtime} batch {r.batch_size}: {r.noisy}" for r in self.rows if r.noisy]
         return "\n".join(lines)
-
-
-def _call(model: nn.Module | onnx.ModelProto, shape: tuple[int, ...], runtime: str, threads: int) -> Callable:
-    """A zero-argument function that runs ``model`` once on ``runtime`` (synchronised on a GPU)."""
-    if isinstance(model, nn.Module):
-        device = torch.device("cuda" if runtime == "torch-cuda" else "cpu")
-        module = copy.deepcopy(model).eval().to(device)
-        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-        def run_torch() -> None:
-            with torch.inference_mode():
-                module(x)
-            sync()
-
-        return run_torch
-    import onnxruntime as ort
-
-    from bnfold.onnx_eval import ort_errors
-    from bnfold.runtimes import ort_providers
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if runtime == "ort-cpu-opt"
-        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    with ort_errors():
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=ort_providers(runtime))
-    first = session.get_inputs()
-    if len(first) != 1:
-        raise BnfoldError(f"bench feeds one input; the model has {len(first)}")
-    elem = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
-    feeds = {first[0].name: np.random.default_rng(0).standard_normal(shape).astype(elem.get(first[0].type, np.float32))}
-    with ort_errors():
-        session.run(None, feeds)
-    return lambda: session.run(None, feeds)
-
-
-def _timed(call: Callable, count: int) -> list[float]:
-    samples = []
-    for _ in range(count):
-        t0 = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - t0)
-    return samples
 
 
 def _interval(a: list[list[float]], b: list[list[float]], draws: int, seed: int) -> tuple[float, float]:
@@ -213,7 +163,6 @@ def ab_compare(
     threads = threads or default_threads()
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    from bnfold.bench import _onnx_shape
 
     rows = []
     try:
@@ -223,14 +172,14 @@ def ab_compare(
                     shape = (batch, *input_shape[1:])
                 else:
                     shape = _onnx_shape(original if isinstance(original, onnx.ModelProto) else folded, batch)
-                calls = [_call(original, shape, runtime, threads), _call(folded, shape, runtime, threads)]
+                calls = [runner(original, shape, runtime, threads)[0], runner(folded, shape, runtime, threads)[0]]
                 for call in calls:
-                    _timed(call, warmup)
+                    timed(call, warmup)
                 a, b = [], []
                 for i in range(rounds):
                     order = (0, 1) if i % 2 == 0 else (1, 0)
                     for which in order:
-                        (a if which == 0 else b).append(_timed(calls[which], per_round))
+                        (a if which == 0 else b).append(timed(calls[which], per_round))
                 a_p50 = 1000 * float(np.median(np.concatenate(a)))
                 b_p50 = 1000 * float(np.median(np.concatenate(b)))
                 low, high = _interval(a, b, bootstrap, seed)
@@ -247,3 +196,48 @@ def ab_compare(
     finally:
         torch.set_num_threads(previous)
     return ABResult(rows, threads, rounds, per_round)
+
+
+def compare_models(
+    original: nn.Module | onnx.ModelProto,
+    folded: nn.Module | onnx.ModelProto,
+    *,
+    input_shape: tuple[int, ...] | None = None,
+    runtimes: tuple[str, ...] | None = None,
+    batch_sizes: tuple[int, ...] | None = None,
+    warmup: int = 10,
+    iterations: int = 50,
+    rounds: int = 10,
+    threads: int | None = None,
+) -> ABResult:
+    """:func:`ab_compare` with the defaults that fit the models (``bench A B`` and ``fold --bench``).
+
+    Runtimes that cannot run this kind of model are left out (default: torch-cpu for
+    modules, ort-cpu and ort-cpu-opt for ONNX); the batch is the one an ONNX model
+    fixes, else 1; ``iterations`` calls of each model are spread over ``rounds``.
+
+    Raises:
+        BnfoldError: Models of two kinds, an absent runtime, or a torch model without an input shape.
+    """
+    is_module = isinstance(original, nn.Module)
+    if is_module != isinstance(folded, nn.Module):
+        raise BnfoldError("bench compares two models of one kind (two ONNX files, or two torch models)")
+    allowed = TORCH_RUNTIMES if is_module else ONNX_RUNTIMES
+    chosen = tuple(r for r in runtimes or () if r in allowed)
+    chosen = chosen or (("torch-cpu",) if is_module else ("ort-cpu", "ort-cpu-opt"))
+    for runtime in chosen:
+        check_available(runtime)
+    if is_module and input_shape is None:
+        raise BnfoldError("benchmarking torch models needs an input shape (--input-shape)")
+    fixed = None if is_module else _fixed_batch(folded)
+    return ab_compare(
+        original,
+        folded,
+        runtimes=chosen,
+        batch_sizes=tuple(batch_sizes or (fixed or 1,)),
+        input_shape=input_shape,
+        warmup=warmup,
+        rounds=max(2, rounds),
+        per_round=max(1, -(-iterations // max(2, rounds))),
+        threads=threads,
+    )

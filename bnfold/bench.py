@@ -15,6 +15,7 @@ import dataclasses
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,10 @@ import onnx
 import torch
 from torch import nn
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES, check_available, ort_providers
 
-__all__ = ["BenchResult", "BenchRow", "benchmark", "compare"]
+__all__ = ["BenchResult", "BenchRow", "benchmark", "compare", "runner", "timed"]
 
 
 @dataclasses.dataclass
@@ -93,75 +94,103 @@ def _stats(samples: list[float], runtime: str, batch: int, session_ms: float) ->
     return BenchRow(runtime, batch, pct(0.5), pct(0.9), pct(0.99), mean, 1000 * batch / mean, session_ms, len(ms))
 
 
-def _time_torch(model: nn.Module, shape: tuple[int, ...], runtime: str, warmup: int, iterations: int) -> BenchRow:
-    device = torch.device("cuda" if runtime == "torch-cuda" else "cpu")
-    start = time.perf_counter()
-    model = copy.deepcopy(model).eval().to(device)
-    session_ms = 1000 * (time.perf_counter() - start)
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    samples = []
-    with torch.inference_mode():
+def runner(
+    model: nn.Module | onnx.ModelProto, shape: tuple[int, ...], runtime: str, threads: int | None = None
+) -> tuple[Callable[[], None], float]:
+    """A zero-argument function that runs ``model`` once on ``runtime``, and its set-up time in ms.
+
+    The model is moved to its device (torch) or given a session (ONNX Runtime;
+    graph optimisations off but for ``ort-cpu-opt``; IO binding with device-resident
+    inputs on a GPU), and called once untimed: a rejected input shape is a
+    :class:`BnfoldError` here, not inside a timing loop. GPU calls are synchronised.
+    """
+    if isinstance(model, nn.Module):
+        device = torch.device("cuda" if runtime == "torch-cuda" else "cpu")
+        start = time.perf_counter()
+        module = copy.deepcopy(model).eval().to(device)
+        setup_ms = 1000 * (time.perf_counter() - start)
+        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+        def run_torch() -> None:
+            with torch.inference_mode():
+                module(x)
+            sync()
+
         try:
-            model(x)  # a first call outside the timing: the model checks the shape here
+            run_torch()
         except Exception as error:  # noqa: BLE001 - the model decides what it accepts
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
-            raise BnfoldError(f"the model rejects input shape {','.join(map(str, shape))}: {first}") from None
-        for i in range(warmup + iterations):
-            sync()
-            t0 = time.perf_counter()
-            model(x)
-            sync()
-            if i >= warmup:
-                samples.append(time.perf_counter() - t0)
-    return _stats(samples, runtime, shape[0], session_ms)
-
-
-def _time_ort(model: onnx.ModelProto, shape: tuple[int, ...], runtime: str, warmup: int, iterations: int) -> BenchRow:
+            raise BnfoldError(
+                f"the model rejects input shape {','.join(map(str, shape))}: {first_line(error)}"
+            ) from None
+        return run_torch, setup_ms
     import onnxruntime as ort
+
+    from bnfold.onnx_eval import ort_errors
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if runtime == "ort-cpu-opt"
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     source = model.SerializeToString()
-    from bnfold.onnx_eval import ort_errors
-
     start = time.perf_counter()
     with ort_errors():
         session = ort.InferenceSession(source, options, providers=ort_providers(runtime))
-    session_ms = 1000 * (time.perf_counter() - start)
+    setup_ms = 1000 * (time.perf_counter() - start)
     inputs = session.get_inputs()
     if len(inputs) != 1:
         raise BnfoldError(f"bench feeds one input; the model has {len(inputs)}")
     elem = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
     x = np.random.default_rng(0).standard_normal(shape).astype(elem.get(inputs[0].type, np.float32))
-    samples = []
     if runtime in ("ort-cuda", "ort-tensorrt"):
         binding = session.io_binding()
         binding.bind_ortvalue_input(inputs[0].name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
         for out in session.get_outputs():
             binding.bind_output(out.name, "cuda")
-        for i in range(warmup + iterations):
-            t0 = time.perf_counter()
+
+        def run_bound() -> None:
             session.run_with_iobinding(binding)
             binding.synchronize_outputs()
-            if i >= warmup:
-                samples.append(time.perf_counter() - t0)
+
+        call = run_bound
     else:
         feeds = {inputs[0].name: x}
-        with ort_errors():
-            session.run(None, feeds)  # a first call outside the timing: ONNX Runtime checks the shapes here
-        for i in range(warmup + iterations):
-            t0 = time.perf_counter()
+
+        def call() -> None:
             session.run(None, feeds)
-            if i >= warmup:
-                samples.append(time.perf_counter() - t0)
-    return _stats(samples, runtime, shape[0], session_ms)
+
+    with ort_errors():
+        call()
+    return call, setup_ms
+
+
+def timed(call: Callable[[], None], count: int) -> list[float]:
+    """Seconds taken by each of ``count`` calls."""
+    samples = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def _measure(
+    model: nn.Module | onnx.ModelProto,
+    shape: tuple[int, ...],
+    runtime: str,
+    warmup: int,
+    iterations: int,
+    threads: int | None,
+) -> BenchRow:
+    call, setup_ms = runner(model, shape, runtime, threads)
+    timed(call, warmup)
+    return _stats(timed(call, iterations), runtime, shape[0], setup_ms)
 
 
 def _onnx_shape(model: onnx.ModelProto, batch: int) -> tuple[int, ...]:
@@ -254,11 +283,8 @@ def benchmark(
 
     rows = []
     for runtime, batch in tqdm(jobs, desc=f"bench {label}", disable=not progress, leave=False):
-        if is_module:
-            rows.append(_time_torch(model, (batch, *input_shape[1:]), runtime, warmup, iterations))
-        else:
-            shape = (batch, *input_shape[1:]) if input_shape else _onnx_shape(model, batch)
-            rows.append(_time_ort(model, shape, runtime, warmup, iterations))
+        shape = (batch, *input_shape[1:]) if input_shape else _onnx_shape(model, batch)
+        rows.append(_measure(model, shape, runtime, warmup, iterations, threads))
     used = torch.get_num_threads()
     torch.set_num_threads(previous)
     device = torch.cuda.get_device_name(0) if any("cuda" in r or "tensorrt" in r for r in runtimes) else "CPU"

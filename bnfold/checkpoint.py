@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold import zoo
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.io import atomic_write
 from bnfold.recipe import FOLDED_FORMAT, TRAINED_FORMAT, choose_arch, parse_recipe
 from bnfold.report import FoldReport
@@ -74,7 +74,7 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
             "(pass --unsafe-pickle, or unsafe_pickle=True, only for a file you trust)"
         ) from None
     except Exception as error:  # noqa: BLE001 - a damaged archive fails in the zip, pickle or storage layers
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        first = first_line(error, 200)
         raise BnfoldError(f"{p}: not a readable PyTorch checkpoint ({first})") from None
 
 
@@ -110,8 +110,7 @@ def working_directory_importable() -> Iterator[None]:
 
 
 def _first_line(error: BaseException) -> str:
-    text = (str(error).strip().splitlines() or [""])[0][:160]
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def build_arch(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:

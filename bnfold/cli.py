@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from bnfold import zoo
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.io import atomic_write, check_output, check_outputs
 
 __all__ = ["main"]
@@ -102,7 +102,7 @@ class _Group(click.Group):
                 import traceback
 
                 traceback.print_exc()
-            first = (str(error).strip().splitlines() or [""])[0][:200]
+            first = first_line(error, 200)
             hint = "" if debug else "; run again with --debug for the traceback"
             click.echo(
                 f"bnfold: internal error (a bug, please report it): {type(error).__name__}: {first}{hint}", err=True
@@ -493,31 +493,18 @@ def _bench_pair(
     chart: str | None,
 ) -> tuple[str, dict[str, Any]]:
     """Original vs folded, interleaved, with intervals (:mod:`bnfold.ab`); the chart from its rows."""
-    import torch
+    from bnfold.ab import compare_models
+    from bnfold.bench import _chart
 
-    from bnfold.ab import ab_compare
-    from bnfold.bench import _chart, _fixed_batch
-    from bnfold.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES, check_available
-
-    is_module = isinstance(original, torch.nn.Module)
-    if is_module != isinstance(folded, torch.nn.Module):
-        raise BnfoldError("bench compares two models of one kind (two ONNX files, or two torch models)")
-    allowed = TORCH_RUNTIMES if is_module else ONNX_RUNTIMES
-    chosen = tuple(r for r in runtimes if r in allowed) or (("torch-cpu",) if is_module else ("ort-cpu", "ort-cpu-opt"))
-    for runtime in chosen:
-        check_available(runtime)
-    if is_module and shape is None:
-        raise BnfoldError("benchmarking torch models needs an input shape (--input-shape)")
-    fixed = None if is_module else _fixed_batch(original)
-    result = ab_compare(
+    result = compare_models(
         original,
         folded,
-        runtimes=chosen,
-        batch_sizes=batch_sizes or (fixed or 1,),
         input_shape=shape,
+        runtimes=runtimes,
+        batch_sizes=batch_sizes,
         warmup=warmup,
+        iterations=iterations,
         rounds=rounds,
-        per_round=max(1, -(-iterations // rounds)),
         threads=threads,
     )
     rows = [r.to_dict() for r in result.rows]

@@ -17,7 +17,7 @@ import onnx
 import torch
 from torch import nn
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.onnx_eval import run_ort
 from bnfold.onnx_fold import fold_onnx, save_onnx
 from bnfold.report import FoldReport
@@ -183,7 +183,7 @@ def export_onnx(
             with _quiet(), torch.no_grad():
                 proto, used = _dynamo(model, inputs, opset, dynamic_batch), "dynamo"
         except Exception as error:  # noqa: BLE001 - exporters fail in many ways
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            first = first_line(error)
             if exporter == "dynamo":
                 raise BnfoldError(f"the dynamo exporter failed: {first}") from None
             notes.append(f"dynamo exporter failed ({first}); used the TorchScript exporter")
@@ -192,7 +192,7 @@ def export_onnx(
             with _quiet(), torch.no_grad():
                 proto, used = _torchscript(model, inputs, opset, dynamic_batch), "torchscript"
         except Exception as error:  # noqa: BLE001
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            first = first_line(error)
             raise BnfoldError(f"ONNX export failed: {first}") from None
     proto, onnx_report = fold_onnx(proto)
     simplified = False

@@ -21,7 +21,7 @@ from bnfold.checkpoint import (
     working_directory_importable,
 )
 from bnfold.checkpoint import state_dict_from as _state_dict_from
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.formats import detect_format
 from bnfold.onnx_fold import load_onnx
 from bnfold.recipe import FOLDED_FORMAT, choose_arch, parse_recipe
@@ -167,7 +167,7 @@ def _unpickle(path: Path) -> Any:
     except (ImportError, AttributeError) as error:
         raise BnfoldError(f"{path}: the pickled model needs code that cannot be found ({error})") from None
     except Exception as error:  # noqa: BLE001 - unpickling runs arbitrary code and fails in many ways
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        first = first_line(error)
         raise BnfoldError(f"{path}: not a readable pickled model ({type(error).__name__}: {first})") from None
 
 

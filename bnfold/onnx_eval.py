@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 
 __all__ = ["as_float64", "reference_float64", "run_ort"]
 
@@ -135,7 +135,7 @@ def reference_float64(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> l
     try:
         return [np.asarray(o) for o in evaluator.run(None, cast)]
     except (RuntimeError, ValueError, TypeError, NotImplementedError, KeyError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        first = first_line(error)
         raise BnfoldError(
             f"the ONNX reference evaluator cannot run the model in float64 ({type(error).__name__}: {first})"
         ) from None
@@ -170,5 +170,5 @@ def ort_errors() -> Iterator[None]:
     except Exception as error:
         if not type(error).__module__.startswith("onnxruntime"):
             raise
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first = first_line(error, 200)
         raise BnfoldError(f"ONNX Runtime cannot run the model ({first[:200]})") from None

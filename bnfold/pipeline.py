@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bnfold.checkpoint import save_folded
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.export import export_keeping_bn, export_onnx
 from bnfold.io import atomic_write
 from bnfold.loading import Loaded, load_detailed
@@ -77,7 +77,7 @@ def _check_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None, sou
             model.eval()(*inputs)
     except Exception as error:  # noqa: BLE001 - the model decides what it accepts
         shapes = ", ".join(",".join(str(d) for d in x.shape) for x in inputs)
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        first = first_line(error)
         raise BnfoldError(f"{source}: the model rejects input shape {shapes}: {first}") from None
 
 
@@ -298,27 +298,11 @@ def _bench_ab(
     *,
     onnx: bool,
 ) -> dict[str, Any]:
-    """Original vs folded in interleaved rounds with a bootstrap interval (:mod:`bnfold.ab`)."""
-    from bnfold.ab import ab_compare
-    from bnfold.bench import _fixed_batch
+    """Original vs folded in interleaved rounds with a bootstrap interval (:func:`bnfold.ab.compare_models`)."""
+    from bnfold.ab import compare_models
 
-    opts = _for(options, onnx=onnx)
-    runtimes = opts.get("runtimes") or (("ort-cpu", "ort-cpu-opt") if onnx else ("torch-cpu",))
-    fixed = _fixed_batch(after) if onnx else None
-    batch_sizes = opts.get("batch_sizes") or (fixed or 1,)
-    rounds = max(2, int(opts.get("rounds") or 10))
-    per_round = max(1, -(-int(opts.get("iterations") or 50) // rounds))
-    ab = ab_compare(
-        before,
-        after,
-        runtimes=tuple(runtimes),
-        batch_sizes=tuple(batch_sizes),
-        input_shape=shape,
-        warmup=int(opts.get("warmup", 10)),
-        rounds=rounds,
-        per_round=per_round,
-        threads=opts.get("threads"),
-    )
+    options = {k: v for k, v in _for(options, onnx=onnx).items() if k != "progress" and v is not None}
+    ab = compare_models(before, after, input_shape=shape, **options)
     return {"ab": ab.to_dict(), "compare": {"rows": [r.to_dict() for r in ab.rows], "text": str(ab)}}
 
 

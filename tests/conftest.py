@@ -30,6 +30,19 @@ def bn_count(model: nn.Module) -> int:
     return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+@pytest.fixture(scope="session")
+def cnn_files(tmp_path_factory):
+    """A cnn-bn with random BN statistics as a state_dict (good.pt) and a BN-keeping ONNX export (good.onnx)."""
+    from bnfold import zoo
+    from bnfold.export import export_keeping_bn
+
+    d = tmp_path_factory.mktemp("cnn")
+    model = randomized(zoo.build("cnn-bn"))
+    torch.save(model.state_dict(), d / "good.pt")
+    (d / "good.onnx").write_bytes(export_keeping_bn(model, zoo.example_input("cnn-bn")).SerializeToString())
+    return d
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

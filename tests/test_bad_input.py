@@ -14,19 +14,14 @@ from hypothesis import strategies as st
 from bnfold import zoo
 from bnfold.cli import main
 from bnfold.errors import BnfoldError
-from bnfold.export import export_keeping_bn
 from bnfold.io import atomic_write
 from bnfold.loading import load_detailed
 from bnfold.onnx_fold import fold_onnx
 
 
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("inputs")
-    model = randomized(zoo.build("cnn-bn"))
-    torch.save(model.state_dict(), d / "good.pt")
-    (d / "good.onnx").write_bytes(export_keeping_bn(model, zoo.example_input("cnn-bn")).SerializeToString())
-    return d
+@pytest.fixture
+def files(cnn_files):
+    return cnn_files
 
 
 def _digest(directory):

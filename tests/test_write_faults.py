@@ -15,25 +15,17 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from click.testing import CliRunner
-from conftest import randomized
 
-from bnfold import zoo
 from bnfold.cli import main
-from bnfold.export import export_keeping_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 ERRNOS = [errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EXDEV, errno.EIO]
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("faults")
-    model = randomized(zoo.build("cnn-bn"))
-    torch.save(model.state_dict(), d / "sd.pt")
-    (d / "m.onnx").write_bytes(export_keeping_bn(model, zoo.example_input("cnn-bn")).SerializeToString())
-    return d
+@pytest.fixture
+def inputs(cnn_files):
+    return cnn_files
 
 
 def _digest(path):
@@ -68,7 +60,7 @@ CASES = [(kind, step, code) for kind, steps in STEPS.items() for step in steps f
 @pytest.mark.parametrize(("kind", "step", "code"), CASES, ids=[f"{k}-{s}-{errno.errorcode[c]}" for k, s, c in CASES])
 def test_each_write_step_failing(kind, step, code, inputs, tmp_path, monkeypatch):
     target = STEPS[kind][step]
-    source = inputs / ("sd.pt" if kind.startswith("state") else "m.onnx")
+    source = inputs / ("good.pt" if kind.startswith("state") else "good.onnx")
     out = tmp_path / ("o.pt" if kind.endswith(".pt") else "o.onnx")
     before = _digest(source)
     module_name, _, attr = target.rpartition(".")
@@ -90,7 +82,7 @@ def test_an_unwritable_directory_is_refused_before_any_work(inputs, tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        result = CliRunner().invoke(main, ["fold", str(inputs / "m.onnx"), "-o", str(locked / "o.onnx")])
+        result = CliRunner().invoke(main, ["fold", str(inputs / "good.onnx"), "-o", str(locked / "o.onnx")])
         if os.geteuid() == 0:  # root writes anywhere: the write itself must then succeed
             assert result.exit_code == 0, result.output
         else:
@@ -140,7 +132,7 @@ def test_sigterm_to_the_cli_mid_fold(inputs, tmp_path):
     out = tmp_path / "o.onnx"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "bnfold", "fold", str(inputs / "m.onnx"), "-o", str(out), "--bench"],
+        [sys.executable, "-m", "bnfold", "fold", str(inputs / "good.onnx"), "-o", str(out), "--bench"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

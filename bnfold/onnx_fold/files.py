@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.io import write_error
 from bnfold.onnx_fold.tensors import check_model_tensors
 
@@ -30,7 +30,7 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(p), load_external_data=True)
     except Exception as error:  # noqa: BLE001 - protobuf and external-data readers fail in many ways
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        first = first_line(error, 200)
         raise BnfoldError(f"{p}: not a readable ONNX model ({first})") from None
     if not model.graph.node and not model.graph.output:
         raise BnfoldError(f"{p}: not a readable ONNX model (no graph)")

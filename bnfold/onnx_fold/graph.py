@@ -232,15 +232,8 @@ class GraphIndex:
 
     def constant(self, value: str) -> np.ndarray | None:
         """The constant array behind ``value`` (an initializer, a Constant, or computed from those), or None."""
-        if value in self._values:
-            return self._values[value]
-        if value in self._protos:
-            self._values[value] = decode(self._protos[value], "initializer")
-            return self._values[value]
-        if value in self.unavailable:
-            return None
-        if value not in self.producer:
-            return self.parent.constant(value) if self.parent is not None else None
+        if value in self._values or value in self.unavailable:
+            return self._values.get(value)
         from bnfold.onnx_fold.constants import evaluate, needed_inputs
 
         # depth-first over the producers, without recursion (a chain may be thousands of nodes long)

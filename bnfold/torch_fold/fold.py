@@ -31,7 +31,7 @@ from bnfold.affine import (
     scale_input_channels,
     scale_output_channels,
 )
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.report import (
     FOLDED_INTO_FOLLOWING,
     FOLDED_INTO_PRECEDING,
@@ -499,7 +499,7 @@ def fold(
     try:
         work = model if inplace else copy.deepcopy(model)
     except RuntimeError as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        first = first_line(error)
         raise BnfoldError(
             f"cannot copy {type(model).__name__} ({first}); run its last forward under torch.no_grad(), "
             "or pass inplace=True"
@@ -512,13 +512,13 @@ def fold(
     try:
         flow = trace(work, None)
     except Exception as error:  # noqa: BLE001 - fx fails in many ways on user code
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        reason = first_line(error)
         if inputs is None:
             raise BnfoldError(
-                f"torch.fx cannot trace {type(model).__name__} ({first_line}); pass example_inputs "
+                f"torch.fx cannot trace {type(model).__name__} ({reason}); pass example_inputs "
                 "(CLI: --input-shape) so bnfold can record the data flow from one run"
             ) from None
-        notes.append(_RECORDED_NOTE.format(error=first_line))
+        notes.append(_RECORDED_NOTE.format(error=reason))
         try:
             flow = record(work, inputs)
         except Exception as run_error:  # noqa: BLE001

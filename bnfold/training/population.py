@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 
 __all__ = ["PopulationStats", "population_statistics"]
 
@@ -137,7 +137,7 @@ def population_statistics(
                 try:
                     forward(model, batch)
                 except (ValueError, RuntimeError) as error:
-                    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+                    first = first_line(error)
                     raise BnfoldError(f"the model failed on batch {count} in train mode: {first}") from None
                 count += 1
     finally:
