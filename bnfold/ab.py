@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-import torch
-from torch import nn
 
-from bnfold.bench import _fixed_batch, _onnx_shape, runner, timed
+from bnfold.bench import _fixed_batch, _onnx_shape, runner, timed, torch_threads
 from bnfold.errors import BnfoldError
+from bnfold.lazy import is_module
+
+if TYPE_CHECKING:
+    from torch import nn
 from bnfold.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES, check_available
 
 __all__ = ["ABResult", "ABRow", "ab_compare", "compare_models", "default_threads"]
@@ -161,11 +163,8 @@ def ab_compare(
     if rounds < 2 or per_round < 1 or warmup < 0:
         raise BnfoldError("A/B timing needs at least 2 rounds and 1 call per round (warmup non-negative)")
     threads = threads or default_threads()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-
     rows = []
-    try:
+    with torch_threads(threads):
         for runtime in runtimes:
             for batch in batch_sizes:
                 if input_shape is not None:
@@ -193,8 +192,6 @@ def ab_compare(
                     else "no significant difference"
                 )
                 rows.append(ABRow(runtime, batch, a_p50, b_p50, speedup, low, high, verdict, _noise(a, b)))
-    finally:
-        torch.set_num_threads(previous)
     return ABResult(rows, threads, rounds, per_round)
 
 
@@ -219,17 +216,17 @@ def compare_models(
     Raises:
         BnfoldError: Models of two kinds, an absent runtime, or a torch model without an input shape.
     """
-    is_module = isinstance(original, nn.Module)
-    if is_module != isinstance(folded, nn.Module):
+    module = is_module(original)
+    if module != is_module(folded):
         raise BnfoldError("bench compares two models of one kind (two ONNX files, or two torch models)")
-    allowed = TORCH_RUNTIMES if is_module else ONNX_RUNTIMES
+    allowed = TORCH_RUNTIMES if module else ONNX_RUNTIMES
     chosen = tuple(r for r in runtimes or () if r in allowed)
-    chosen = chosen or (("torch-cpu",) if is_module else ("ort-cpu", "ort-cpu-opt"))
+    chosen = chosen or (("torch-cpu",) if module else ("ort-cpu", "ort-cpu-opt"))
     for runtime in chosen:
         check_available(runtime)
-    if is_module and input_shape is None:
+    if module and input_shape is None:
         raise BnfoldError("benchmarking torch models needs an input shape (--input-shape)")
-    fixed = None if is_module else _fixed_batch(folded)
+    fixed = None if module else _fixed_batch(folded)
     return ab_compare(
         original,
         folded,

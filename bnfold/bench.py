@@ -10,24 +10,45 @@ host copies are not timed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-import torch
-from torch import nn
 
 from bnfold.errors import BnfoldError, first_line
+from bnfold.lazy import is_module
 from bnfold.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES, check_available, ort_providers
 
-__all__ = ["BenchResult", "BenchRow", "benchmark", "compare", "runner", "timed"]
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["BenchResult", "BenchRow", "benchmark", "compare", "runner", "timed", "torch_threads"]
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int | None]:
+    """Set torch's CPU threads for a block (when torch is loaded at all); yields the count in use."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None:  # ONNX-only work: threads go to each ONNX Runtime session
+        yield threads
+        return
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclasses.dataclass
@@ -104,7 +125,9 @@ def runner(
     inputs on a GPU), and called once untimed: a rejected input shape is a
     :class:`BnfoldError` here, not inside a timing loop. GPU calls are synchronised.
     """
-    if isinstance(model, nn.Module):
+    if is_module(model):
+        import torch
+
         device = torch.device("cuda" if runtime == "torch-cuda" else "cpu")
         start = time.perf_counter()
         module = copy.deepcopy(model).eval().to(device)
@@ -138,7 +161,9 @@ def runner(
         if runtime == "ort-cpu-opt"
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    source = model.SerializeToString()
+    from bnfold.onnx_fold.files import session_source
+
+    source = session_source(model)
     start = time.perf_counter()
     with ort_errors():
         session = ort.InferenceSession(source, options, providers=ort_providers(runtime))
@@ -256,19 +281,19 @@ def benchmark(
         from bnfold.loading import load
 
         model = load(model)
-    is_module = isinstance(model, nn.Module)
+    module = is_module(model)
     if isinstance(model, onnx.ModelProto) and file_mb is None:
         file_mb = model.ByteSize() / 2**20
-    runtimes = tuple(runtimes or (("torch-cpu",) if is_module else ("ort-cpu", "ort-cpu-opt")))
-    allowed = TORCH_RUNTIMES if is_module else ONNX_RUNTIMES
-    kind = "a torch module" if is_module else "an ONNX model"
+    runtimes = tuple(runtimes or (("torch-cpu",) if module else ("ort-cpu", "ort-cpu-opt")))
+    allowed = TORCH_RUNTIMES if module else ONNX_RUNTIMES
+    kind = "a torch module" if module else "an ONNX model"
     skipped = [r for r in runtimes if r not in allowed]
     runtimes = tuple(r for r in runtimes if r in allowed)
     if not runtimes:
         raise BnfoldError(f"runtime {', '.join(skipped)} cannot run {kind}; choose from {', '.join(allowed)}")
     for runtime in runtimes:
         check_available(runtime)
-    if is_module and input_shape is None:
+    if module and input_shape is None:
         raise BnfoldError("benchmarking a torch module needs an input shape (--input-shape)")
     if not batch_sizes:
         fixed = _fixed_batch(model) if isinstance(model, onnx.ModelProto) else None
@@ -276,20 +301,28 @@ def benchmark(
     if iterations < 1 or warmup < 0 or any(b < 1 for b in batch_sizes):
         raise BnfoldError("iterations and batch sizes must be positive, warmup non-negative")
     jobs = [(r, b) for r in runtimes for b in batch_sizes]
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
     from tqdm import tqdm
 
+    from bnfold.ab import default_threads
+
     rows = []
-    for runtime, batch in tqdm(jobs, desc=f"bench {label}", disable=not progress, leave=False):
-        shape = (batch, *input_shape[1:]) if input_shape else _onnx_shape(model, batch)
-        rows.append(_measure(model, shape, runtime, warmup, iterations, threads))
-    used = torch.get_num_threads()
-    torch.set_num_threads(previous)
-    device = torch.cuda.get_device_name(0) if any("cuda" in r or "tensorrt" in r for r in runtimes) else "CPU"
+    with torch_threads(threads) as used:
+        for runtime, batch in tqdm(jobs, desc=f"bench {label}", disable=not progress, leave=False):
+            shape = (batch, *input_shape[1:]) if input_shape else _onnx_shape(model, batch)
+            rows.append(_measure(model, shape, runtime, warmup, iterations, threads))
+    used = used or default_threads()
+    device = _gpu_name() if any("cuda" in r or "tensorrt" in r for r in runtimes) else "CPU"
     notes = [f"{r} skipped: it cannot run {kind} (bench the checkpoint for torch, the .onnx for ORT)" for r in skipped]
     return BenchResult(label, rows, used, file_mb, device, notes)
+
+
+def _gpu_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - no torch, or a torch without CUDA: ONNX Runtime still ran on the GPU
+        return "GPU"
 
 
 def compare(original: BenchResult, folded: BenchResult, chart: str | os.PathLike | None = None) -> dict[str, Any]:

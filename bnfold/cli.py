@@ -10,7 +10,6 @@ from typing import Any
 
 import click
 
-from bnfold import zoo
 from bnfold.errors import BnfoldError, first_line
 from bnfold.io import atomic_write, check_output, check_outputs
 
@@ -171,6 +170,7 @@ def _stage(quiet: bool) -> Callable[[str], None]:
 @click.option("--rtol", type=float, help="--verify: relative tolerance (default by dtype).")
 @click.option("--atol", type=float, help="--verify: absolute tolerance (default: per-element rule).")
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help="--verify: inputs as .npy or .npz.")
+@click.option("--no-power", is_flag=True, help="--verify: skip measuring the smallest change the check catches.")
 @click.option("--batch-size", "batch_sizes", multiple=True, type=int, help="--bench: repeatable batch sizes.")
 @click.option("--warmup", default=10, show_default=True, help="--bench: untimed calls first.")
 @click.option("--iterations", default=50, show_default=True, help="--bench: timed calls per model.")
@@ -197,6 +197,7 @@ def fold(
     rtol: float | None,
     atol: float | None,
     inputs_path: str | None,
+    no_power: bool,
     batch_sizes: tuple[int, ...],
     warmup: int,
     iterations: int,
@@ -238,7 +239,7 @@ def fold(
         check_available(runtime)
     if iterations < 1 or warmup < 0 or any(b < 1 for b in batch_sizes) or rounds < 2 or (threads or 1) < 1:
         raise BnfoldError("--iterations, --threads and --batch-size must be positive, --rounds at least 2")
-    verify_options: dict[str, Any] = {"runtimes": runtimes or None, "rtol": rtol, "atol": atol}
+    verify_options: dict[str, Any] = {"runtimes": runtimes or None, "rtol": rtol, "atol": atol, "power": not no_power}
     verify_options["inputs"] = _read_inputs(inputs_path)
     bench_options = {
         "runtimes": runtimes or None,
@@ -330,6 +331,7 @@ def inspect(
 @click.option("--inputs", "inputs_path", type=click.Path(dir_okay=False), help="Inputs as .npy or .npz.")
 @click.option("--rtol", type=float, help="Relative tolerance (default by dtype).")
 @click.option("--atol", type=float, help="Absolute tolerance (default scales with the output).")
+@click.option("--no-power", is_flag=True, help="Skip measuring the smallest single-layer change the check catches.")
 @_json_option
 def verify_command(
     reference: str,
@@ -343,12 +345,15 @@ def verify_command(
     inputs_path: str | None,
     rtol: float | None,
     atol: float | None,
+    no_power: bool,
     as_json: bool,
 ) -> None:
     """Check that CANDIDATE computes what REFERENCE computes, against float64 truth.
 
     Each element is judged on its own scale: its channel's (or column's) largest
-    value and the original's own rounding error there.
+    value and the original's own rounding error there. The verdict states the
+    check's power (the smallest random change to one layer's weights that it
+    catches on these inputs) and warns when the output hardly depends on the input.
 
     \b
     Examples:
@@ -375,6 +380,7 @@ def verify_command(
         rtol=rtol,
         atol=atol,
         input_shapes=shapes,
+        power=not no_power,
     )
     _emit(as_json, False, result.to_dict(), str(result))
     if not result.passed:
@@ -624,6 +630,8 @@ def zoo_command() -> None:
       bnfold zoo
     Exit status: 0.
     """
+    from bnfold import zoo
+
     for name, entry in zoo.ZOO.items():
         shape = ",".join(str(d) for d in entry.input_shape)
         click.echo(f"{name:<15} input N,{shape:<10} {entry.description}")
@@ -646,6 +654,7 @@ def demo(checkpoint: str | None, arch: str | None, as_json: bool) -> None:
     \b
     Exit status: 0 done; 2 bad input or environment; 3 internal error (a bug).
     """
+    from bnfold import zoo
     from bnfold.demo import run_demo, run_trained_demo
 
     trained = run_trained_demo(checkpoint)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+from bnfold.lazy import is_tensor
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ErrorStats", "error_stats", "fold_error"]
 
@@ -34,8 +39,8 @@ class ErrorStats:
 
 
 def _np(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", torch.float64).numpy()
+    if is_tensor(value):
+        return value.detach().cpu().double().numpy()
     return np.asarray(value, dtype=np.float64)
 
 
@@ -70,6 +75,8 @@ def fold_error(original: torch.nn.Module, folded: torch.nn.Module, inputs: tuple
         folded: The folded model, run in its own dtype.
         inputs: Example inputs (floating tensors are cast to each model's dtype).
     """
+    import torch
+
     from bnfold.runtimes import run_torch, run_torch64
 
     arrays = [

@@ -6,25 +6,18 @@ import dataclasses
 import os
 import types
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
-import torch
-from torch import nn
 
-from bnfold import zoo
-from bnfold.checkpoint import (
-    build_for_state,
-    load_into,
-    read_checkpoint,
-    rebuild_folded,
-    working_directory_importable,
-)
-from bnfold.checkpoint import state_dict_from as _state_dict_from
 from bnfold.errors import BnfoldError, first_line
 from bnfold.formats import detect_format
+from bnfold.lazy import is_module
 from bnfold.onnx_fold import load_onnx
-from bnfold.recipe import FOLDED_FORMAT, choose_arch, parse_recipe
+
+if TYPE_CHECKING:  # torch is imported only for formats that need it: ONNX jobs never load it
+    import torch
+    from torch import nn
 
 __all__ = ["Loaded", "load", "load_detailed"]
 
@@ -55,6 +48,8 @@ class Loaded:
 
 
 def _zoo_shape(arch: str | None) -> tuple[int, ...] | None:
+    from bnfold import zoo
+
     return (2, *zoo.ZOO[arch].input_shape) if arch in zoo.ZOO else None
 
 
@@ -63,12 +58,17 @@ def _with_arch(
 ) -> Loaded:
     if not arch:
         raise BnfoldError(f"{path}: a bare state_dict needs --arch (a zoo name or package.module:callable)")
+    from bnfold.checkpoint import build_for_state, load_into
+
     model = load_into(build_for_state(arch, kwargs, state, str(path)), state, str(path)).eval()
     return Loaded(model, fmt, arch, kwargs, _zoo_shape(arch))
 
 
 def _self_describing(path: Path, raw: dict[str, Any], state: dict[str, torch.Tensor], choice: dict[str, Any]) -> Loaded:
     """A bnfold folded or trainer file: its recipe read as data, code built only as :func:`choose_arch` allows."""
+    from bnfold.checkpoint import rebuild_folded
+    from bnfold.recipe import FOLDED_FORMAT, choose_arch, parse_recipe
+
     recipe = parse_recipe(raw, str(path))
     arch, kwargs = choose_arch(recipe, str(path), **choice)
     if recipe.format == FOLDED_FORMAT:
@@ -117,6 +117,11 @@ def load_detailed(
     fmt = detect_format(p)
     if fmt == "onnx":
         return Loaded(load_onnx(p), fmt)
+    import torch
+
+    from bnfold.checkpoint import read_checkpoint
+    from bnfold.checkpoint import state_dict_from as _state_dict_from
+
     if fmt == "safetensors":
         from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
@@ -152,7 +157,7 @@ def load_detailed(
         module.eval = types.MethodType(lambda self: self, module)
         return Loaded(module, fmt, input_shape=shape)
     obj = _unpickle(p) if unsafe_pickle else read_checkpoint(p)
-    if isinstance(obj, nn.Module):
+    if is_module(obj):
         return Loaded(obj.eval(), "pickle")
     if isinstance(obj, dict) and isinstance(obj.get("format"), str) and obj["format"].startswith("bnfold."):
         return _self_describing(p, obj, _state_dict_from(obj, p), choice)
@@ -161,6 +166,10 @@ def load_detailed(
 
 def _unpickle(path: Path) -> Any:
     """``torch.load`` without restrictions (the user opted in): classes may live in the working directory."""
+    import torch
+
+    from bnfold.checkpoint import working_directory_importable
+
     try:
         with working_directory_importable():
             return torch.load(path, map_location="cpu", weights_only=False)

@@ -10,6 +10,8 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError, first_line
+from bnfold.onnx_fold.files import session_source
+from bnfold.onnx_fold.tensors import decode
 
 __all__ = ["as_float64", "reference_float64", "run_ort"]
 
@@ -19,7 +21,7 @@ _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BF
 def _retype(graph: onnx.GraphProto) -> None:
     for init in graph.initializer:
         if init.data_type in _FLOATS:
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float64), init.name))
+            init.CopyFrom(numpy_helper.from_array(decode(init).astype(np.float64), init.name))
     for info in list(graph.input) + list(graph.output):
         if info.type.tensor_type.elem_type in _FLOATS:
             info.type.tensor_type.elem_type = onnx.TensorProto.DOUBLE
@@ -27,7 +29,7 @@ def _retype(graph: onnx.GraphProto) -> None:
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in _FLOATS:
-                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float64), attr.t.name))
+                attr.t.CopyFrom(numpy_helper.from_array(decode(attr.t).astype(np.float64), attr.t.name))
             elif node.op_type == "Cast" and attr.name == "to" and attr.i in _FLOATS:
                 attr.i = onnx.TensorProto.DOUBLE
             elif attr.type == onnx.AttributeProto.GRAPH:
@@ -156,7 +158,7 @@ def run_ort(
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    source = model if isinstance(model, str) else model.SerializeToString()
+    source = model if isinstance(model, str) else session_source(model)
     with ort_errors():
         session = ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
         return [np.asarray(o) for o in session.run(None, feeds)]

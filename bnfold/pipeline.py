@@ -7,22 +7,23 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
-import torch
-from torch import nn
 
-from bnfold.checkpoint import save_folded
 from bnfold.errors import BnfoldError, first_line
-from bnfold.export import export_keeping_bn, export_onnx
 from bnfold.io import atomic_write
+from bnfold.lazy import is_script_module, is_tensor
 from bnfold.loading import Loaded, load_detailed
 from bnfold.onnx_fold import fold_onnx, save_onnx
+from bnfold.onnx_fold.files import uses_external_data
 from bnfold.report import FoldReport
-from bnfold.torch_fold import fold as fold_torch
-from bnfold.torch_fold.torchscript import fold_torchscript
 from bnfold.verify import verify
+
+if TYPE_CHECKING:  # the torch half is imported only for torch models: ONNX jobs never load torch
+    import torch
+    from torch import nn
 
 __all__ = ["OUTPUT_SUFFIXES", "PipelineResult", "run_pipeline", "summary_text"]
 
@@ -65,6 +66,8 @@ def _inputs(loaded: Loaded, shapes: list[tuple[int, ...]] | None) -> tuple[torch
     shapes = shapes or ([loaded.input_shape] if loaded.input_shape else None)
     if not shapes:
         return None
+    import torch
+
     generator = torch.Generator().manual_seed(0)
     return tuple(torch.randn(s, generator=generator) for s in shapes)
 
@@ -72,6 +75,8 @@ def _inputs(loaded: Loaded, shapes: list[tuple[int, ...]] | None) -> tuple[torch
 def _check_inputs(model: nn.Module, inputs: tuple[torch.Tensor, ...] | None, source: str) -> None:
     if inputs is None:
         return
+    import torch
+
     try:
         with torch.no_grad():
             model.eval()(*inputs)
@@ -89,20 +94,20 @@ def _check_statistics(model: nn.Module | onnx.ModelProto, source: str) -> None:
         values = {t.name: t for t in model.graph.initializer}
         for node in model.graph.node:
             if node.op_type == "BatchNormalization" and len(node.input) == 5 and node.input[4] in values:
-                var = torch.from_numpy(decode(values[node.input[4]], source).astype("float64"))
+                var = decode(values[node.input[4]], source).astype("float64")
                 _check_var(var, f"{source}: BatchNormalization '{node.name or node.output[0]}'")
         return
     for name, module in model.named_modules():
         var = getattr(module, "running_var", None)
         mean = getattr(module, "running_mean", None)
-        if isinstance(var, torch.Tensor) and isinstance(mean, torch.Tensor):
-            _check_var(var.detach().double(), f"{source}: {name or 'the model'}")
-            if not torch.isfinite(mean).all():
+        if is_tensor(var) and is_tensor(mean):
+            _check_var(var.detach().double().cpu().numpy(), f"{source}: {name or 'the model'}")
+            if not np.isfinite(mean.detach().double().cpu().numpy()).all():
                 raise BnfoldError(f"{source}: {name} has a non-finite running_mean")
 
 
-def _check_var(var: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(var).all():
+def _check_var(var: np.ndarray, where: str) -> None:
+    if not np.isfinite(var).all():
         raise BnfoldError(f"{where} has a non-finite running_var")
     if (var < 0).any():
         raise BnfoldError(f"{where} has a negative running_var")
@@ -110,7 +115,7 @@ def _check_var(var: torch.Tensor, where: str) -> None:
 
 def _check_output_kind(loaded: Loaded, out: Path) -> None:
     """Refuse, before any work, an output format that cannot hold what was loaded."""
-    scripted = isinstance(loaded.model, torch.jit.ScriptModule)
+    scripted = is_script_module(loaded.model)
     if isinstance(loaded.model, onnx.ModelProto):
         if out.suffix != ".onnx":
             raise BnfoldError(f"{out}: an ONNX input is written as .onnx")
@@ -123,9 +128,13 @@ def _check_output_kind(loaded: Loaded, out: Path) -> None:
 
 
 def _save_torch(output: Path, folded: nn.Module, report: FoldReport, loaded: Loaded, inputs: tuple | None) -> None:
+    import torch
+
+    from bnfold.checkpoint import save_folded
+
     suffix = output.suffix
     if suffix in (".pt", ".pth"):
-        if isinstance(folded, torch.jit.ScriptModule):
+        if is_script_module(folded):
             atomic_write(output, lambda tmp: torch.jit.save(folded, str(tmp)))
             return
         if not loaded.arch:
@@ -206,7 +215,7 @@ def run_pipeline(
     loaded = load_detailed(path, arch, arch_kwargs, unsafe_pickle=unsafe_pickle, trust_arch=trust_arch)
     if out is not None:
         _check_output_kind(loaded, out)
-    if not isinstance(loaded.model, torch.jit.ScriptModule):
+    if not is_script_module(loaded.model):
         _check_statistics(loaded.model, str(path))
     if isinstance(loaded.model, onnx.ModelProto):
         if out is not None and out.suffix != ".onnx":
@@ -218,7 +227,8 @@ def run_pipeline(
             raise BnfoldError(f"{path}: {error}") from None
         result = PipelineResult(loaded.format, report)
         if out is not None:
-            save_onnx(folded_proto, out)
+            # an input that kept its weights as external data gets an output that does too
+            save_onnx(folded_proto, out, external_data=True if uses_external_data(loaded.model) else None)
             result.output = str(out)
             result.bn_left_in_output = _bn_nodes(folded_proto)
         if do_verify:
@@ -231,6 +241,10 @@ def run_pipeline(
             shape = input_shapes[0] if input_shapes else None
             result.bench = _bench_ab(loaded.model, folded_proto, shape, time_opts, onnx=True)
         return result
+    from bnfold.export import export_keeping_bn, export_onnx
+    from bnfold.torch_fold import fold as fold_torch
+    from bnfold.torch_fold.torchscript import fold_torchscript
+
     model = loaded.model
     inputs = _inputs(loaded, input_shapes)
     for flag, wanted in (
@@ -242,7 +256,7 @@ def run_pipeline(
             raise BnfoldError(f"{flag} needs an input shape (--input-shape 1,3,224,224); nothing was written")
     _check_inputs(model, inputs, str(path))
     stage("fold (PyTorch pass)")
-    if isinstance(model, torch.jit.ScriptModule):
+    if is_script_module(model):
         folded, report = fold_torchscript(model)
     else:
         folded, report = fold_torch(model, inputs)
@@ -308,7 +322,7 @@ def _bench_ab(
 
 def _verify_kwargs(options: dict[str, Any] | None) -> dict[str, Any]:
     options = dict(options or {})
-    unknown = set(options) - {"runtimes", "rtol", "atol", "inputs"}
+    unknown = set(options) - {"runtimes", "rtol", "atol", "inputs", "power"}
     if unknown:
         raise BnfoldError(f"unknown verify option(s): {', '.join(sorted(unknown))}")
     return options
@@ -356,6 +370,9 @@ def summary_text(result: PipelineResult, *, summary: bool = False) -> str:
             lines += [
                 f"  first divergence: {r['first_divergence']}" for r in check["runtimes"] if r["first_divergence"]
             ]
+            if check.get("power"):
+                lines.append(f"  {check['power']['text']}")
+            lines += [f"  note: {n}" for n in check.get("notes", ())]
     if result.bench is not None:
         lines.append(result.bench["compare"]["text"])
     lines += [f"note: {n}" for n in result.notes]

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-import torch
-from torch import nn
 
 from bnfold.errors import BnfoldError
+from bnfold.lazy import is_tensor
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = [
     "ONNX_RUNTIMES",
@@ -44,7 +48,7 @@ def check_available(runtime: str) -> None:
     """
     if runtime not in TORCH_RUNTIMES + ONNX_RUNTIMES:
         raise BnfoldError(f"runtime {runtime!r}: choose from {', '.join(TORCH_RUNTIMES + ONNX_RUNTIMES)}")
-    if runtime == "torch-cuda" and not torch.cuda.is_available():
+    if runtime == "torch-cuda" and not _cuda_available():
         raise BnfoldError("runtime torch-cuda: this torch build sees no CUDA GPU")
     if runtime in ("ort-cuda", "ort-tensorrt"):
         import onnxruntime as ort
@@ -56,12 +60,22 @@ def check_available(runtime: str) -> None:
             )
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _device(runtime: str) -> torch.device:
+    import torch
+
     return torch.device("cuda" if runtime == "torch-cuda" else "cpu")
 
 
 def run_torch(model: nn.Module, inputs: list[np.ndarray], runtime: str = "torch-cpu") -> list[np.ndarray]:
     """Run a module in its own dtype on ``runtime``; outputs come back as numpy arrays."""
+    import torch
+
     device = _device(runtime)
     model = copy.deepcopy(model).eval().to(device)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -77,6 +91,8 @@ def run_torch(model: nn.Module, inputs: list[np.ndarray], runtime: str = "torch-
 
 def run_torch64(model: nn.Module, inputs: list[np.ndarray]) -> list[np.ndarray]:
     """Run a module in float64 on the CPU: the truth for a torch reference."""
+    import torch
+
     model = copy.deepcopy(model).eval().to("cpu").double()
     tensors = [torch.from_numpy(np.array(x)) for x in inputs]
     tensors = [t.double() if t.is_floating_point() else t for t in tensors]
@@ -85,7 +101,7 @@ def run_torch64(model: nn.Module, inputs: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def _flatten(out: object) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
+    if is_tensor(out):
         return [out]
     if isinstance(out, dict):
         out = list(out.values())

@@ -27,17 +27,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-import torch
 from onnx import helper
-from torch import nn
+
+from bnfold.lazy import is_module, is_tensor
+
+if TYPE_CHECKING:
+    from torch import nn
 
 from bnfold.compare import ErrorStats, error_stats
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES, check_available, run_onnx, run_torch, run_torch64
+from bnfold.verify_power import INDEPENDENT_BELOW, Power, input_dependence, measure_power
 
 __all__ = ["NOISE_FACTOR", "TOLERANCES", "VerifyResult", "verify"]
 
@@ -142,6 +146,7 @@ class VerifyResult:
     reference_error: list[OutputCheck]
     notes: list[str] = dataclasses.field(default_factory=list)
     atol_scaled: bool = True  # atol is a fraction of max|truth| (the default) rather than absolute
+    power: Power | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -155,6 +160,7 @@ class VerifyResult:
             "runtimes": [r.to_dict() for r in self.runtimes],
             "reference_error": [o.to_dict() for o in self.reference_error],
             "notes": list(self.notes),
+            "power": self.power.to_dict() if self.power else None,
         }
 
     def __str__(self) -> str:
@@ -175,6 +181,8 @@ class VerifyResult:
             if r.first_divergence:
                 lines.append(f"{r.runtime}: first divergence at {r.first_divergence}")
         lines.extend(f"note: {n}" for n in self.notes)
+        if self.power is not None:
+            lines.append(self.power.describe())
         verdict = "PASS" if self.passed else "MISMATCH"
         lines.append(
             f"{verdict}: {self.dtype} tolerances rtol={self.rtol:g}, atol={self.atol:g}"
@@ -188,9 +196,9 @@ class VerifyResult:
 
 
 def _dtype_of(model: nn.Module | onnx.ModelProto) -> str:
-    if isinstance(model, nn.Module):
-        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        return str(dtype).removeprefix("torch.")
+    if is_module(model):
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
     elem = next((t.data_type for t in model.graph.initializer if t.data_type in _ONNX_DTYPES), onnx.TensorProto.FLOAT)
     return _ONNX_DTYPES[elem]
 
@@ -230,7 +238,7 @@ def _draws(specs: list[tuple[tuple[int, ...], Any]], count: int) -> list[list[np
 
 
 def _truth(reference: nn.Module | onnx.ModelProto, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    if isinstance(reference, nn.Module):
+    if is_module(reference):
         return run_torch64(reference, inputs)
     from bnfold.onnx_eval import reference_float64
 
@@ -239,7 +247,7 @@ def _truth(reference: nn.Module | onnx.ModelProto, inputs: list[np.ndarray]) -> 
 
 
 def _run(model: nn.Module | onnx.ModelProto, inputs: list[np.ndarray], runtime: str) -> list[np.ndarray]:
-    if isinstance(model, nn.Module):
+    if is_module(model):
         return run_torch(model, inputs, runtime)
     feeds = [
         x.astype(np.float16) if _dtype_of(model) == "float16" and np.issubdtype(x.dtype, np.floating) else x
@@ -368,11 +376,10 @@ def _worst(a: list[OutputCheck] | None, b: list[OutputCheck]) -> list[OutputChec
 # -- localisation ------------------------------------------------------------------------------
 
 
-_CHANGED_BY_FOLDING = (nn.Identity, nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
-
-
 def _torch_intermediates(model: nn.Module, inputs: list[np.ndarray], float64: bool) -> dict[str, np.ndarray]:
     """Output of every module's first call, in completion order; the ``name`` key maps to its type too."""
+    import torch
+
     model = copy.deepcopy(model).eval().cpu()
     if float64:
         model = model.double()
@@ -409,13 +416,16 @@ def _torch_divergence(
     The layers run between the last matching point and the first diverging one
     are named.
     """
+    from torch import nn
+
+    changed_by_folding = (nn.Identity, nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
     truth = _torch_intermediates(reference, inputs, float64=True)
     got = _torch_intermediates(candidate, inputs, float64=False)
     modules = dict(candidate.named_modules())
     last_good, between = None, []
     for name, value in got.items():
         module = modules.get(name)
-        if isinstance(module, _CHANGED_BY_FOLDING) or name not in truth or np.shape(truth[name]) != np.shape(value):
+        if isinstance(module, changed_by_folding) or name not in truth or np.shape(truth[name]) != np.shape(value):
             if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
                 between.append(name)
             continue
@@ -460,7 +470,7 @@ def _first_divergence(
     rtol: float,
     atol_factor: float,
 ) -> str | None:
-    if isinstance(reference, nn.Module) and isinstance(candidate, nn.Module):
+    if is_module(reference) and is_module(candidate):
         return _torch_divergence(reference, candidate, inputs, rtol, atol_factor)
     if not (isinstance(reference, onnx.ModelProto) and isinstance(candidate, onnx.ModelProto)):
         return None
@@ -485,7 +495,7 @@ def _first_divergence(
 
 
 def _as_model(value: Any, label: str) -> nn.Module | onnx.ModelProto:
-    if isinstance(value, nn.Module | onnx.ModelProto):
+    if is_module(value) or isinstance(value, onnx.ModelProto):
         return value
     if isinstance(value, str) or hasattr(value, "__fspath__"):
         from bnfold.loading import load
@@ -502,11 +512,11 @@ def _input_draws(
     draws: int,
 ) -> list[list[np.ndarray]]:
     if inputs is not None:
-        if isinstance(inputs, torch.Tensor | np.ndarray):
+        if is_tensor(inputs) or isinstance(inputs, np.ndarray):
             inputs = [inputs]
         if isinstance(inputs, dict):
             inputs = list(inputs.values())
-        return [[x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs]]
+        return [[x.detach().cpu().numpy() if is_tensor(x) else np.asarray(x) for x in inputs]]
     if input_shapes:
         return _draws([(tuple(s), np.float32) for s in input_shapes], draws)
     onnx_model = next((m for m in (candidate, reference) if isinstance(m, onnx.ModelProto)), None)
@@ -528,6 +538,7 @@ def verify(
     atol: float | None = None,
     input_shapes: list[tuple[int, ...]] | None = None,
     draws: int = 3,
+    power: bool = True,
 ) -> VerifyResult:
     """Check that ``candidate`` computes what ``reference`` computes.
 
@@ -542,6 +553,9 @@ def verify(
         atol: Absolute tolerance; default scales with max |truth|.
         input_shapes: Input shapes for torch models when no inputs are given.
         draws: Number of random draws.
+        power: Also measure what the check could catch on these inputs
+            (:mod:`bnfold.verify_power`): the smallest single-layer weight
+            change that fails it, and how much the output depends on the input.
 
     Returns:
         Per-runtime, per-output statistics and the verdict.
@@ -550,25 +564,27 @@ def verify(
         BnfoldError: Unusable arguments, an absent runtime, mismatched outputs.
     """
     reference, candidate = _as_model(reference, "reference"), _as_model(candidate, "candidate")
-    is_module = isinstance(candidate, nn.Module)
-    runtimes = tuple(runtimes or (("torch-cpu",) if is_module else ("ort-cpu",)))
+    candidate_is_module = is_module(candidate)
+    runtimes = tuple(runtimes or (("torch-cpu",) if candidate_is_module else ("ort-cpu",)))
     for runtime in runtimes:
         check_available(runtime)
-        allowed = TORCH_RUNTIMES if is_module else ONNX_RUNTIMES
+        allowed = TORCH_RUNTIMES if candidate_is_module else ONNX_RUNTIMES
         if runtime not in allowed:
-            kind = "a torch module" if is_module else "an ONNX model"
+            kind = "a torch module" if candidate_is_module else "an ONNX model"
             raise BnfoldError(f"runtime {runtime} cannot run {kind}; choose from {', '.join(allowed)}")
     dtype = _dtype_of(candidate)
     default_rtol, atol_factor = TOLERANCES.get(dtype, TOLERANCES["float32"])
     rtol = default_rtol if rtol is None else rtol
     batches = _input_draws(reference, candidate, inputs, input_shapes, draws)
-    own_runtime = "torch-cpu" if isinstance(reference, nn.Module) else "ort-cpu"
+    own_runtime = "torch-cpu" if is_module(reference) else "ort-cpu"
     results: dict[str, list[OutputCheck] | None] = {r: None for r in runtimes}
     reference_error: list[OutputCheck] | None = None
     failing_batch: dict[str, list[np.ndarray]] = {}
+    first: tuple[list[np.ndarray], list[np.ndarray]] | None = None
     for batch in batches:
         truth = _truth(reference, batch)
         own = _run(reference, batch, own_runtime)
+        first = first or (truth, own)
         reference_error = _worst(reference_error, _check(own, truth, rtol, atol, atol_factor, own))
         for runtime in runtimes:
             checks = _check(_run(candidate, batch, runtime), truth, rtol, atol, atol_factor, own)
@@ -589,6 +605,9 @@ def verify(
                     "final outputs diverge)"
                 )
         checks_by_runtime.append(RuntimeCheck(runtime, passed, outputs, divergence))
+    measured = None
+    if power and first is not None:
+        measured = _power(reference, batches[0], first, own_runtime, (rtol, atol, atol_factor), notes)
     return VerifyResult(
         passed=all(r.passed for r in checks_by_runtime),
         dtype=dtype,
@@ -599,4 +618,60 @@ def verify(
         runtimes=checks_by_runtime,
         reference_error=reference_error or [],
         notes=notes,
+        power=measured,
     )
+
+
+def _fresh_like(batch: list[np.ndarray]) -> list[np.ndarray]:
+    """An independent input of the same shapes and dtypes (integers drawn from the range the batch uses)."""
+    rng = np.random.default_rng(2**31 - 1)
+    fresh = []
+    for x in batch:
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.floating):
+            fresh.append(rng.standard_normal(x.shape).astype(x.dtype))
+        elif np.issubdtype(x.dtype, np.integer) and x.size:
+            fresh.append(rng.integers(int(x.min()), int(x.max()) + 1, x.shape).astype(x.dtype))
+        else:
+            fresh.append(x.copy())
+    return fresh
+
+
+def _power(
+    reference: nn.Module | onnx.ModelProto,
+    batch: list[np.ndarray],
+    outputs: tuple[list[np.ndarray], list[np.ndarray]],
+    runtime: str,
+    tolerances: tuple[float, float | None, float],
+    notes: list[str],
+) -> Power | None:
+    """The check's power on ``batch`` and the reference's input dependence (a note when it is near zero).
+
+    Args:
+        reference: The reference model.
+        batch: The input the changes are judged on.
+        outputs: The float64 truth and the reference's own outputs on ``batch``.
+        runtime: Where the reference and its changed copies run.
+        tolerances: ``(rtol, atol, atol_factor)`` as in :func:`_check`.
+        notes: Receives the warning when the output hardly depends on the input.
+    """
+    truth, own = outputs
+    rtol, atol, atol_factor = tolerances
+
+    def caught(changed: nn.Module | onnx.ModelProto) -> bool:
+        return not all(c.passed for c in _check(_run(changed, batch, runtime), truth, rtol, atol, atol_factor, own))
+
+    try:
+        result = measure_power(reference, caught)
+    except Exception as error:  # noqa: BLE001 - a model that cannot be copied or changed: the verdict stands
+        notes.append(f"power not measured: a changed copy of the reference could not be run ({first_line(error)})")
+        return None
+    dependence = input_dependence(own, _run(reference, _fresh_like(batch), runtime))
+    result.input_dependence = dependence
+    if dependence < INDEPENDENT_BELOW:
+        notes.append(
+            f"the output hardly depends on the input (two independent inputs give outputs {dependence:.2g} apart, "
+            "relative to their size): this check mostly saw the model's constants; pass real inputs "
+            "(--inputs x.npz) or another input distribution"
+        )
+    return result

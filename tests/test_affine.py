@@ -1,10 +1,26 @@
 """The fold maths against direct float64 computation."""
 
+import ml_dtypes
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bnfold.affine import FoldRefused, Layout, bn_affine, round_to, scale_input_channels, scale_output_channels
+from bnfold import affine as affine_module
+from bnfold.affine import FoldRefused, Layout, bn_affine, round_to
+
+
+def _torch(fn):
+    """The maths returns float64 numpy arrays; these tests compare with torch's ops."""
+
+    def wrapped(*args, **kwargs):
+        return tuple(torch.from_numpy(v) for v in fn(*args, **kwargs))
+
+    return wrapped
+
+
+scale_input_channels = _torch(affine_module.scale_input_channels)
+scale_output_channels = _torch(affine_module.scale_output_channels)
 
 
 def _random_affine(c, seed=0):
@@ -20,7 +36,7 @@ def _random_affine(c, seed=0):
 
 def _bn(x, a):
     shape = [1, -1] + [1] * (x.dim() - 2)
-    return x * a.scale.reshape(shape) + a.shift.reshape(shape)
+    return x * torch.from_numpy(a.scale).reshape(shape) + torch.from_numpy(a.shift).reshape(shape)
 
 
 def test_bn_affine_matches_formula():
@@ -31,13 +47,16 @@ def test_bn_affine_matches_formula():
         torch.tensor([0.5, 3.0]),
     )
     a = bn_affine(mean, var, gamma, beta, 0.0)
-    assert torch.allclose(a.scale, torch.tensor([1.0, -2.0], dtype=torch.float64))
-    assert torch.allclose(a.shift, torch.tensor([-0.5, -1.0], dtype=torch.float64))
+    assert np.allclose(a.scale, [1.0, -2.0]) and a.scale.dtype == np.float64
+    assert np.allclose(a.shift, [-0.5, -1.0])
+    # numpy inputs give the same map (the ONNX pass passes numpy, the torch pass tensors)
+    b = bn_affine(*(t.numpy() for t in (mean, var, gamma, beta)), 0.0)
+    assert np.array_equal(a.scale, b.scale) and np.array_equal(a.shift, b.shift)
 
 
 def test_bn_affine_without_affine_parameters_and_eps_zero():
     a = bn_affine(torch.tensor([3.0]), torch.tensor([9.0]), None, None, 0.0)
-    assert float(a.scale) == pytest.approx(1 / 3) and float(a.shift) == pytest.approx(-1.0)
+    assert float(a.scale[0]) == pytest.approx(1 / 3) and float(a.shift[0]) == pytest.approx(-1.0)
 
 
 @pytest.mark.parametrize(
@@ -140,3 +159,23 @@ def test_round_to_refuses_overflow_and_flushes_subnormals():
     assert flushed32 == 1 and out32[0] == 0
     with pytest.raises(FoldRefused, match="not floating"):
         round_to(torch.ones(1, dtype=torch.float64), torch.int8)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "big"), [(np.float16, 7e4), (np.float32, 1e39), (ml_dtypes.bfloat16, 4e38), (np.float64, None)]
+)
+def test_round_to_numpy_dtypes(dtype, big):
+    """The ONNX pass rounds with numpy dtypes (bfloat16 from ml_dtypes): same rules, numpy results."""
+    out, flushed = round_to(np.array([1.5, -2.25, 0.0]), np.dtype(dtype))
+    assert isinstance(out, np.ndarray) and out.dtype == np.dtype(dtype) and flushed == 0
+    assert out.astype(np.float64).tolist() == [1.5, -2.25, 0.0]
+    if big is not None:
+        with pytest.raises(FoldRefused, match="overflows"):
+            round_to(np.array([big]), np.dtype(dtype))
+    with pytest.raises(FoldRefused, match="not floating"):
+        round_to(np.ones(1), np.dtype(np.int32))
+
+
+def test_round_to_torch_dtype_gives_a_tensor():
+    out, _ = round_to(np.array([0.5]), torch.bfloat16)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16

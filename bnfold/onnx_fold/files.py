@@ -2,63 +2,144 @@
 
 from __future__ import annotations
 
+import atexit
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from bnfold.errors import BnfoldError, first_line
 from bnfold.io import write_error
-from bnfold.onnx_fold.tensors import check_model_tensors
+from bnfold.onnx_fold.tensors import (
+    check_model_tensors,
+    decode,
+    external_location,
+    external_tensors,
+    resolve_external_data,
+)
 
-__all__ = ["load_onnx", "save_onnx"]
+__all__ = [
+    "PROTOBUF_LIMIT",
+    "inline_copy",
+    "load_onnx",
+    "save_onnx",
+    "session_source",
+    "uses_external_data",
+    "without_field",
+]
 
-_PROTOBUF_LIMIT = 2**31 - 2**20
+PROTOBUF_LIMIT = 2**31 - 2**20
+_EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the .data file
+_ALIGN = 4096
 
 
 def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX file with its external data.
+    """Load an ONNX file; its external data stays on disk, checked, and is memory-mapped when read.
 
     Raises:
-        BnfoldError: Missing, truncated or not an ONNX model.
+        BnfoldError: Missing, truncated or not an ONNX model; external data that is
+            missing, outside the model's folder or shorter than declared.
     """
     p = Path(path)
     if not p.is_file():
         raise BnfoldError(f"{p}: no such file")
     try:
-        model = onnx.load(str(p), load_external_data=True)
-    except Exception as error:  # noqa: BLE001 - protobuf and external-data readers fail in many ways
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 - protobuf readers fail in many ways
         first = first_line(error, 200)
         raise BnfoldError(f"{p}: not a readable ONNX model ({first})") from None
     if not model.graph.node and not model.graph.output:
         raise BnfoldError(f"{p}: not a readable ONNX model (no graph)")
     try:
+        resolve_external_data(model, p.parent)
         check_model_tensors(model)
     except BnfoldError as error:
         raise BnfoldError(f"{p}: {error}") from None
     return model
 
 
-def _uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of ``model`` is stored as external data."""
+    return bool(external_tensors(model))
+
+
+def _data_bytes(tensor: onnx.TensorProto) -> int:
+    """A tensor's data size from its declaration (no serialisation, no copy of its bytes)."""
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, ValueError, TypeError):
+        itemsize = 8
+    return math.prod(tensor.dims) * itemsize
+
+
+def _tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the model's initializers, inline or external."""
+    return sum(_data_bytes(t) for t in model.graph.initializer)
+
+
+def inline_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with its external data read into memory (for runtimes that take bytes).
+
+    Raises:
+        BnfoldError: The model is too large for one protobuf (over 2 GB).
+    """
+    if not uses_external_data(model):
+        return model
+    if _tensor_bytes(model) > PROTOBUF_LIMIT:
+        raise BnfoldError("the model is over 2 GB: it can only be run from its file")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for tensor in external_tensors(copy):
+        array = np.array(decode(tensor))
+        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+    return copy
+
+
+_SESSION_FILES: list[Path] = []
+
+
+def session_source(model: onnx.ModelProto) -> bytes | str:
+    """What ONNX Runtime can load ``model`` from: its bytes, or (over 2 GB) a temporary file with external data."""
+    if not uses_external_data(model) or _tensor_bytes(model) <= PROTOBUF_LIMIT:
+        return inline_copy(model).SerializeToString()
+    folder = Path(tempfile.mkdtemp(prefix="bnfold-session-"))
+    if not _SESSION_FILES:
+        atexit.register(lambda: [shutil.rmtree(f, ignore_errors=True) for f in _SESSION_FILES])
+    _SESSION_FILES.append(folder)
+    return str(save_onnx(model, folder / "model.onnx", external_data=True))
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
-    """Write ``model`` atomically; large models go to ``<name>.data`` beside it.
+    """Write ``model`` atomically; with external data, tensors go to ``<name>.data`` beside it.
+
+    External data is written tensor by tensor (a tensor already on disk is copied in
+    chunks), so no copy of the whole model is made and no protobuf over 2 GB is built.
 
     Args:
-        model: The model.
+        model: The model (not modified).
         path: The output file.
-        external_data: Force (True) or forbid (False) external data; by default
-            used when the model is too large for one protobuf.
+        external_data: Force (True) or forbid (False) external data; by default used
+            when the model's tensors are external already or too large for one protobuf.
 
     Returns:
         The output path.
+
+    Raises:
+        BnfoldError: The output cannot be written (one line), or a model over 2 GB
+            with ``external_data=False``.
     """
     out = Path(path)
-    external = model.ByteSize() > _PROTOBUF_LIMIT if external_data is None else external_data
+    external = (
+        (uses_external_data(model) or _tensor_bytes(model) > PROTOBUF_LIMIT) if external_data is None else external_data
+    )
+    if not external:
+        model = inline_copy(model)
     directory = out.parent if str(out.parent) else Path(".")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=directory))
@@ -67,24 +148,117 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, external_data:
     try:
         staged = tmp / out.name
         if external:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)  # saving as external data rewrites the tensors it is given
-            onnx.save_model(
-                copy,
-                str(staged),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=f"{out.name}.data",
-                size_threshold=1024,
-            )
+            _write_external(model, staged, tmp / f"{out.name}.data", f"{out.name}.data")
             os.replace(tmp / f"{out.name}.data", directory / f"{out.name}.data")
         else:
             onnx.save_model(model, str(staged))
-        with open(staged, "rb+") as handle:
-            os.fsync(handle.fileno())
+            with open(staged, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(staged, out)
     except OSError as error:
         raise write_error(out, error) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_external(model: onnx.ModelProto, staged: Path, data: Path, location: str) -> None:
+    """Stream the model: its tensors into ``data``, then the model's small remainder into ``staged``."""
+    graph_shell = without_field(model.graph, "initializer")
+    for node in graph_shell.node:  # tensors held in attributes and subgraphs stay inline
+        _inline_attributes(node)
+    model_shell = without_field(model, "graph")
+    pieces = [graph_shell.SerializeToString()]
+    with open(data, "wb") as handle:
+        for tensor in model.graph.initializer:
+            pieces.append(_field(5, _stored(tensor, handle, location).SerializeToString()))
+        handle.flush()
+        os.fsync(handle.fileno())
+    graph_bytes = b"".join(pieces)
+    with open(staged, "wb") as handle:
+        handle.write(model_shell.SerializeToString())
+        handle.write(_field(7, graph_bytes))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def without_field(message: Any, skip: str) -> Any:  # noqa: ANN401 - any protobuf message
+    """A copy of a protobuf message without the field ``skip`` (copied field by field, so ``skip`` is never copied)."""
+    shell = type(message)()
+    for field, value in message.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(shell, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(shell, field.name).CopyFrom(value)
+        else:
+            setattr(shell, field.name, value)
+    return shell
+
+
+def _inline_attributes(node: onnx.NodeProto) -> None:
+    for attr in node.attribute:
+        tensors = [attr.t] if attr.HasField("t") else list(attr.tensors)
+        for tensor in tensors:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                tensor.CopyFrom(numpy_helper.from_array(np.array(decode(tensor)), tensor.name))
+        graphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+        for graph in graphs:
+            for tensor in graph.initializer:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    tensor.CopyFrom(numpy_helper.from_array(np.array(decode(tensor)), tensor.name))
+            for inner in graph.node:
+                _inline_attributes(inner)
+
+
+def _stored(tensor: onnx.TensorProto, handle: Any, location: str) -> onnx.TensorProto:
+    """The tensor as written: inline when small, else its bytes appended to ``handle`` and a reference."""
+    external = tensor.data_location == onnx.TensorProto.EXTERNAL
+    if not external and (_data_bytes(tensor) < _EXTERNAL_THRESHOLD or tensor.data_type == onnx.TensorProto.STRING):
+        return tensor
+    offset = handle.tell()
+    if offset % _ALIGN:
+        handle.write(b"\0" * (_ALIGN - offset % _ALIGN))
+        offset = handle.tell()
+    if external:
+        source, start, length = external_location(tensor)
+        length = length if length is not None else 0
+        with open(source, "rb") as src:
+            src.seek(start)
+            left = length
+            while left:
+                chunk = src.read(min(left, 64 * 2**20))
+                if not chunk:
+                    raise OSError(f"external data of '{tensor.name}' ends early in {source}")
+                handle.write(chunk)
+                left -= len(chunk)
+    else:
+        raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
+        length = len(raw)
+        handle.write(raw)
+        del raw
+    shell = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    if tensor.doc_string:
+        shell.doc_string = tensor.doc_string
+    shell.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        shell.external_data.add(key=key, value=value)
+    return shell
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: tag, varint length, payload."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)

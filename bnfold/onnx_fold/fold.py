@@ -16,7 +16,7 @@ from onnx import helper
 
 from bnfold.errors import BnfoldError
 from bnfold.onnx_fold.constants import PURE_OPS
-from bnfold.onnx_fold.files import load_onnx
+from bnfold.onnx_fold.files import load_onnx, uses_external_data, without_field
 from bnfold.onnx_fold.graph import GraphIndex, names_read, subgraphs
 from bnfold.onnx_fold.graph_pass import GraphPass
 from bnfold.onnx_fold.tensors import check_model_tensors
@@ -161,7 +161,7 @@ def fold_onnx(
             proto.graph.input.extend(kept)
             proto.ir_version = max(proto.ir_version, 4)
     _clean(proto.graph, set())
-    if _approximate_bytes(proto) < 2**30:
+    if _approximate_bytes(proto) < 2**30 and not uses_external_data(proto):
         onnx.checker.check_model(proto, full_check=True)
     else:  # one protobuf cannot hold it: check the structure, then inference on the skeleton
         onnx.checker.check_model(_skeleton(proto), full_check=True)
@@ -173,11 +173,11 @@ def fold_onnx(
 def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with large initializers turned into typed inputs: checks and shape inference skip their bytes."""
     graph = model.graph
-    big = [t for t in graph.initializer if _elements(t) > 1024]
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    del skeleton.graph.initializer[:]
-    skeleton.graph.initializer.extend(t for t in graph.initializer if _elements(t) <= 1024)
+    big = [t for t in graph.initializer if _elements(t) > 1024 or t.data_location == onnx.TensorProto.EXTERNAL]
+    names = {t.name for t in big}
+    skeleton = without_field(model, "graph")
+    skeleton.graph.CopyFrom(without_field(graph, "initializer"))
+    skeleton.graph.initializer.extend(t for t in graph.initializer if t.name not in names)
     inputs = {i.name for i in graph.input}
     for t in big:
         if t.name not in inputs:

@@ -15,24 +15,26 @@ iteratively, within the budgets of :data:`bnfold.limits.LIMITS`.
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Iterator
 
+import ml_dtypes
 import numpy as np
 import onnx
-import torch
-from onnx import numpy_helper
+from onnx import helper
 
 from bnfold.limits import LIMITS
 from bnfold.onnx_fold.tensors import decode
 
-__all__ = ["GraphIndex", "TORCH_DTYPES", "from_torch", "names_read", "subgraphs", "to_torch64"]
+__all__ = ["FLOAT_DTYPES", "GraphIndex", "names_read", "subgraphs", "to_float64"]
 
-TORCH_DTYPES = {
-    onnx.TensorProto.FLOAT: torch.float32,
-    onnx.TensorProto.FLOAT16: torch.float16,
-    onnx.TensorProto.BFLOAT16: torch.bfloat16,
-    onnx.TensorProto.DOUBLE: torch.float64,
+FLOAT_DTYPES = {
+    onnx.TensorProto.FLOAT: np.dtype(np.float32),
+    onnx.TensorProto.FLOAT16: np.dtype(np.float16),
+    onnx.TensorProto.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+    onnx.TensorProto.DOUBLE: np.dtype(np.float64),
 }
+CACHE_ELEMENTS = 2**16  # larger initializers are decoded (or memory-mapped) each time, never held
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -55,20 +57,9 @@ def names_read(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def to_torch64(array: np.ndarray) -> torch.Tensor:
-    """A numpy constant (any float dtype, bfloat16 included) as a float64 torch tensor."""
-    return torch.from_numpy(np.asarray(array).astype(np.float64))
-
-
-def from_torch(tensor: torch.Tensor, name: str) -> onnx.TensorProto:
-    """A rounded torch tensor as an initializer of the same dtype."""
-    if tensor.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        array = tensor.float().numpy().astype(ml_dtypes.bfloat16)
-    else:
-        array = tensor.numpy()
-    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+def to_float64(array: np.ndarray) -> np.ndarray:
+    """A numpy constant (any float dtype, bfloat16 included) as float64."""
+    return np.asarray(array).astype(np.float64)
 
 
 class GraphIndex:
@@ -226,14 +217,28 @@ class GraphIndex:
 
     # -- constants -----------------------------------------------------------------------
 
-    def set_constant(self, name: str, value: np.ndarray) -> None:
-        """Record the value of a new initializer."""
-        self._values[name] = value
+    def add_initializer(self, name: str, value: np.ndarray) -> None:
+        """Append ``value`` as a new initializer (written in place, no proto copy); remembered only when small."""
+        tensor = self.graph.initializer.add()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
+        tensor.dims.extend(value.shape)
+        tensor.raw_data = np.ascontiguousarray(value).tobytes()  # little-endian, as ONNX wants
+        self._protos[name] = tensor
+        if value.size <= CACHE_ELEMENTS:
+            self._values[name] = value
 
     def constant(self, value: str) -> np.ndarray | None:
-        """The constant array behind ``value`` (an initializer, a Constant, or computed from those), or None."""
+        """The constant array behind ``value`` (an initializer, a Constant, or computed from those), or None.
+
+        Large initializers are decoded (external data: memory-mapped) on each call and
+        not held, so a pass over a multi-GB model keeps one layer's weights at a time.
+        """
         if value in self._values or value in self.unavailable:
             return self._values.get(value)
+        proto = self._protos.get(value)
+        if proto is not None and value not in self.producer and math.prod(proto.dims) > CACHE_ELEMENTS:
+            return decode(proto, "initializer")
         from bnfold.onnx_fold.constants import evaluate, needed_inputs
 
         # depth-first over the producers, without recursion (a chain may be thousands of nodes long)

@@ -16,8 +16,7 @@ import logging
 
 import numpy as np
 import onnx
-import torch
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from bnfold.affine import (
     Affine,
@@ -30,7 +29,7 @@ from bnfold.affine import (
     scale_input_channels,
     scale_output_channels,
 )
-from bnfold.onnx_fold.graph import TORCH_DTYPES, GraphIndex, from_torch, to_torch64
+from bnfold.onnx_fold.graph import FLOAT_DTYPES, GraphIndex, to_float64
 from bnfold.report import (
     FOLDED_INTO_FOLLOWING,
     FOLDED_INTO_PRECEDING,
@@ -46,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 _LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _DECOMPOSED = ("Mul", "Add", "Sub", "Div")
+# ops a BN may be reached through before or after a layer (sum, concat, flatten, decomposed BN)
+_PASS_THROUGH = ("Add", "Sum", "Concat", "Flatten", "Reshape", "Identity", "Mul", "Sub", "Div")
+_ALWAYS_EXACT = 2**16  # float64 values of small tensors are kept anyway
 
 
 def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
@@ -85,16 +87,16 @@ class _Layer:
     bias: np.ndarray | None  # Conv/ConvTranspose bias, Gemm C, or the constant of MatMul's bias Add
     add: onnx.NodeProto | None = None  # MatMul's bias Add
     add_const_index: int = 1
-    weight64: torch.Tensor | None = None  # float64 values: exact where an earlier fold wrote this weight
-    bias64: torch.Tensor | None = None
+    weight64: np.ndarray | None = None  # float64 values: exact where an earlier fold wrote this weight
+    bias64: np.ndarray | None = None
 
     @property
     def output(self) -> str:
         return (self.add or self.node).output[0]
 
     @property
-    def dtype(self) -> torch.dtype:
-        dtype = TORCH_DTYPES.get(helper.np_dtype_to_tensor_dtype(self.weight.dtype))
+    def dtype(self) -> np.dtype:
+        dtype = FLOAT_DTYPES.get(helper.np_dtype_to_tensor_dtype(self.weight.dtype))
         if dtype is None:
             raise FoldRefused(f"{_label(self.node)} has a {self.weight.dtype} weight")
         return dtype
@@ -108,13 +110,13 @@ class GraphPass:
         self.entries = entries
         self.opset = opset
         # float64 values behind the initializers this pass wrote: a layer folded twice is still rounded once
-        self.exact: dict[str, torch.Tensor] = {}
-        self._rounded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.exact: dict[str, np.ndarray] = {}
+        self._rounded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _f64(self, name: str, array: np.ndarray | None) -> torch.Tensor | None:
+    def _f64(self, name: str, array: np.ndarray | None) -> np.ndarray | None:
         if array is None:
             return None
-        return self.exact[name] if name in self.exact else to_torch64(array)
+        return self.exact[name] if name in self.exact else to_float64(array)
 
     def _with_exact(self, layer: _Layer) -> _Layer:
         node = layer.node
@@ -208,39 +210,64 @@ class GraphPass:
             value = self.index.constant(name)
             if value is None:
                 raise FoldRefused(f"its {label} {self._non_constant(name)}")
-            params.append(to_torch64(value).reshape(-1))
+            params.append(to_float64(value).reshape(-1))
         scale, bias, mean, var = params
-        channels = mean.numel()
-        if any(p.numel() != channels for p in params):
+        channels = mean.size
+        if any(p.size != channels for p in params):
             raise FoldRefused("its scale, B, mean and var have different lengths")
         return bn_affine(mean, var, scale, bias, float(_attr(node, "epsilon", 1e-5)))
 
     # -- rewrite helpers -----------------------------------------------------------------
 
-    def new_initializer(self, tensor: torch.Tensor, base: str) -> str:
-        """Add a rounded tensor as a fresh initializer; return its name."""
+    def new_initializer(self, tensor: np.ndarray, base: str, *, keep_exact: bool = True) -> str:
+        """Add a rounded tensor as a fresh initializer; return its name.
+
+        Its float64 value is kept (so a second fold into the same layer rounds once)
+        only when ``keep_exact``: a layer that no other BN can reach again needs none.
+        """
         name = self.index.fresh(f"{base}_bnfold")
         if id(tensor) in self._rounded and self._rounded[id(tensor)][0] is tensor:
-            self.exact[name] = self._rounded.pop(id(tensor))[1]
-        proto = from_torch(tensor, name)
-        self.index.graph.initializer.append(proto)
-        self.index.set_constant(name, numpy_helper.to_array(proto))
+            exact = self._rounded.pop(id(tensor))[1]
+            if keep_exact or exact.size <= _ALWAYS_EXACT:
+                self.exact[name] = exact
+        self.index.add_initializer(name, tensor)
         return name
 
-    def round(self, value: torch.Tensor, layer: _Layer) -> torch.Tensor:
+    def may_fold_again(self, layer: _Layer) -> bool:
+        """Whether another BN could still fold into this layer: one reads its output or writes its input."""
+        out = layer.output
+        for reader in self.index.readers(out):
+            if reader is None:
+                continue
+            if reader.op_type == "BatchNormalization" or (
+                reader.op_type in _PASS_THROUGH
+                and any(
+                    r is not None and r.op_type == "BatchNormalization"
+                    for o in reader.output
+                    for r in self.index.readers(o)
+                )
+            ):
+                return True
+        producer = self.index.producer.get(layer.node.input[0]) if layer.node.input else None
+        if producer is not None and producer.op_type in _PASS_THROUGH and producer.input:
+            producer = self.index.producer.get(producer.input[0])
+        return producer is not None and producer.op_type == "BatchNormalization"
+
+    def round(self, value: np.ndarray, layer: _Layer) -> np.ndarray:
         """Round a float64 result once to the layer's weight dtype (refusing overflow)."""
         rounded, _flushed = round_to(value, layer.dtype)
         self._rounded[id(rounded)] = (rounded, value)
         return rounded
 
-    def write_weight(self, layer: _Layer, weight: torch.Tensor, notes: list[str]) -> None:
+    def write_weight(self, layer: _Layer, weight: np.ndarray, notes: list[str]) -> None:
         """Point the layer at its folded weight (a copy when the old one is shared)."""
         old = layer.node.input[1]
         if len(self.index.readers(old)) > 1:
             notes.append(f"weight '{old}' is shared with another node: folded into a copy")
-        self.index.set_input(layer.node, 1, self.new_initializer(weight, old))
+        name = self.new_initializer(weight, old, keep_exact=self.may_fold_again(layer))
+        self.index.set_input(layer.node, 1, name)
 
-    def write_bias(self, layer: _Layer, bias: torch.Tensor) -> None:
+    def write_bias(self, layer: _Layer, bias: np.ndarray) -> None:
         """Point the layer at its folded bias: Conv/Gemm input, MatMul's Add, or a new Add."""
         node = layer.node
         if layer.add is not None:
@@ -268,14 +295,14 @@ class GraphPass:
         if layer.bias is not None and np.asarray(layer.bias).dtype != layer.weight.dtype:
             raise FoldRefused(f"{_label(layer.node)} has weight and bias of different dtypes")
 
-    def fold_into(self, layer: _Layer, affine: Affine, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def fold_into(self, layer: _Layer, affine: Affine, notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """The layer's weight and bias with ``affine`` applied to its output, rounded."""
         self.check_weight_dtype_matches(layer)
         w = layer.weight64
         if layer.node.op_type == "Gemm":
             weight, _ = scale_output_channels(w, None, affine, layer.layout)
             beta = float(_attr(layer.node, "beta", 1.0))
-            c = layer.bias64 * beta if layer.bias is not None else torch.zeros(affine.channels, dtype=torch.float64)
+            c = layer.bias64 * beta if layer.bias is not None else np.zeros(affine.channels, dtype=np.float64)
             bias = affine.apply_last_axis(c)
         else:
             b = layer.bias64 if layer.bias is not None else None
@@ -354,7 +381,7 @@ class GraphPass:
         self.only_reader(x, bn, _label(add))
         if len(add.input) != 2 or add.input[0] == add.input[1]:
             raise FoldRefused(f"{_label(add)} does not add two different tensors")
-        scale_only = Affine(affine.scale, torch.zeros_like(affine.shift))
+        scale_only = Affine(affine.scale, np.zeros_like(affine.shift))
         staged = []
         for value, part in zip(add.input, (affine, scale_only), strict=True):
             layer = self.layer(self.index.producer.get(value), allow_add=False)
@@ -425,7 +452,7 @@ class GraphPass:
             weight, contribution = scale_input_channels(w, None, affine, layer.layout)
             alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
             beta = float(_attr(node, "beta", 1.0))
-            base = layer.bias64 * beta if layer.bias is not None else torch.zeros((), dtype=torch.float64)
+            base = layer.bias64 * beta if layer.bias is not None else np.zeros((), dtype=np.float64)
             bias = base + alpha * contribution
         else:
             b = layer.bias64 if layer.bias is not None else None
@@ -489,8 +516,8 @@ class GraphPass:
         shape = (1,) * (rank - const.ndim) + tuple(const.shape)
         if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
             raise FoldRefused("constant is not one value per channel")
-        c = to_torch64(const).reshape(-1).expand(channels).clone()
-        one, zero = torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
+        c = np.broadcast_to(to_float64(const).reshape(-1), (channels,)).copy()
+        one, zero = np.ones(channels, dtype=np.float64), np.zeros(channels, dtype=np.float64)
         if node.op_type == "Mul":
             return Affine(c, zero)
         if node.op_type == "Add":

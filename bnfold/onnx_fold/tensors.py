@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -10,7 +12,14 @@ from onnx import helper, numpy_helper
 
 from bnfold.errors import BnfoldError
 
-__all__ = ["check_model_tensors", "check_tensor", "decode"]
+__all__ = [
+    "check_model_tensors",
+    "check_tensor",
+    "decode",
+    "external_location",
+    "external_tensors",
+    "resolve_external_data",
+]
 
 # the protobuf field that holds each element type's values, when not raw_data
 _FIELDS = {
@@ -48,12 +57,13 @@ def check_tensor(tensor: onnx.TensorProto, where: str = "") -> int:
     if any(d < 0 for d in tensor.dims):
         raise BnfoldError(f"{label} declares a negative dimension {list(tensor.dims)[:8]}")
     elements = math.prod(tensor.dims)
-    if tensor.data_location == onnx.TensorProto.EXTERNAL:
-        return elements  # onnx.load read it already, or will refuse the file
     try:
         dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
     except (KeyError, ValueError, TypeError):
         raise BnfoldError(f"{label} has an unknown element type {tensor.data_type}") from None
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        external_location(tensor, where)  # the file and the byte range are checked by resolve_external_data
+        return elements
     if tensor.HasField("raw_data") or tensor.data_type not in _FIELDS and not _typed_length(tensor):
         if tensor.data_type == onnx.TensorProto.STRING:
             raise BnfoldError(f"{label} holds strings as raw data")
@@ -92,12 +102,14 @@ def _typed_length(tensor: onnx.TensorProto) -> int:
 
 
 def decode(tensor: onnx.TensorProto, where: str = "") -> np.ndarray:
-    """A tensor as a numpy array, after :func:`check_tensor`.
+    """A tensor as a numpy array, after :func:`check_tensor`; external data is memory-mapped, read-only.
 
     Raises:
         BnfoldError: The data does not match the declaration, or cannot be decoded.
     """
     check_tensor(tensor, where)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return _map_external(tensor, where)
     try:
         return numpy_helper.to_array(tensor)
     except Exception as error:  # noqa: BLE001 - onnx's decoder raises ValueError, TypeError, KeyError...
@@ -132,3 +144,105 @@ def check_model_tensors(model: onnx.ModelProto) -> None:
     """
     for tensor, where in _graph_tensors(model.graph, ""):
         check_tensor(tensor, where)
+
+
+def external_location(tensor: onnx.TensorProto, where: str = "") -> tuple[str, int, int | None]:
+    """``(location, offset, length or None)`` of a tensor stored as external data.
+
+    Raises:
+        BnfoldError: No location, or an offset/length that is not a non-negative integer.
+    """
+    entries = {e.key: e.value for e in tensor.external_data}
+    location = entries.get("location", "")
+    if not location:
+        raise BnfoldError(f"{_label(tensor, where)} is external data without a location")
+    try:
+        offset = int(entries.get("offset", "0"))
+        length = int(entries["length"]) if "length" in entries else None
+    except ValueError:
+        raise BnfoldError(f"{_label(tensor, where)} has a non-integer external data offset or length") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise BnfoldError(f"{_label(tensor, where)} has a negative external data offset or length")
+    return location, offset, length
+
+
+def _expected_bytes(tensor: onnx.TensorProto, where: str) -> int:
+    if tensor.data_type in _PACKED_4BIT or tensor.data_type == onnx.TensorProto.STRING:
+        raise BnfoldError(f"{_label(tensor, where)}: external data of this element type is not supported")
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    return math.prod(tensor.dims) * np.dtype(dtype).itemsize
+
+
+def _set_entry(tensor: onnx.TensorProto, key: str, value: str) -> None:
+    for entry in tensor.external_data:
+        if entry.key == key:
+            entry.value = value
+            return
+    tensor.external_data.add(key=key, value=value)
+
+
+def resolve_external_data(model: onnx.ModelProto, base: Path) -> int:
+    """Check every external tensor's file and byte range, and point it at its file by absolute path.
+
+    The data stays on disk: :func:`decode` memory-maps it when a fold asks for it. A
+    location must be a relative path inside ``base`` (the model's folder, links resolved),
+    and the range must lie inside the file and match the declared shape.
+
+    Returns:
+        The external bytes the model references.
+
+    Raises:
+        BnfoldError: An absolute or escaping location, a missing file, a range past the
+            end of the file or of the wrong size.
+    """
+    root = base.resolve()
+    total = 0
+    for tensor, where in _graph_tensors(model.graph, ""):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        label = _label(tensor, where)
+        location, offset, length = external_location(tensor, where)
+        if os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise BnfoldError(f"{label}: external data location '{location[:80]}' is an absolute path")
+        path = (root / location).resolve()
+        if not path.is_relative_to(root):
+            raise BnfoldError(f"{label}: external data location '{location[:80]}' lies outside the model's folder")
+        if not path.is_file():
+            raise BnfoldError(f"{label}: external data file '{location[:80]}' does not exist")
+        want = _expected_bytes(tensor, where)
+        if length is not None and length != want:
+            raise BnfoldError(
+                f"{label} declares {list(tensor.dims)[:8]} ({want} bytes) but its external length is {length}"
+            )
+        size = path.stat().st_size
+        if offset + want > size:
+            raise BnfoldError(
+                f"{label}: external data range {offset}..{offset + want} lies past the end of '{location[:80]}' "
+                f"({size} bytes)"
+            )
+        _set_entry(tensor, "location", str(path))
+        _set_entry(tensor, "length", str(want))
+        total += want
+    return total
+
+
+def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Every tensor of the model (subgraphs and attributes included) stored as external data."""
+    return [t for t, _ in _graph_tensors(model.graph, "") if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def _map_external(tensor: onnx.TensorProto, where: str) -> np.ndarray:
+    location, offset, _ = external_location(tensor, where)
+    if not os.path.isabs(location):
+        raise BnfoldError(
+            f"{_label(tensor, where)} is external data ('{location[:80]}') that was not loaded: "
+            "pass the model's path, or onnx.load it with its external data"
+        )
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    shape = tuple(tensor.dims)
+    if math.prod(shape) == 0:
+        return np.zeros(shape, dtype)
+    try:
+        return np.memmap(location, dtype=dtype, mode="r", offset=offset, shape=shape)
+    except (OSError, ValueError) as error:
+        raise BnfoldError(f"{_label(tensor, where)}: external data cannot be read ({error})") from None

@@ -18,6 +18,7 @@ import logging
 import operator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -77,8 +78,8 @@ class _Staged:
     """A layer's folded float64 weight and bias, rounded once at the end."""
 
     module: nn.Module
-    weight: torch.Tensor
-    bias: torch.Tensor
+    weight: np.ndarray  # float64, rounded once by materialise()
+    bias: np.ndarray
 
 
 def _as_tuple(example_inputs: Any) -> tuple | None:
@@ -233,11 +234,11 @@ class _TorchFoldPass:
 
     # -- rewrite -------------------------------------------------------------------------
 
-    def current(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def current(self, module: nn.Module) -> tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray | None]:
         staged = self.staged.get(id(module))
         return (staged.weight, staged.bias) if staged else (module.weight, module.bias)
 
-    def stage(self, module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> _Staged:
+    def stage(self, module: nn.Module, weight: np.ndarray, bias: np.ndarray) -> _Staged:
         round_to(weight, module.weight.dtype)
         round_to(bias, module.weight.dtype)
         return _Staged(module, weight, bias)
@@ -264,7 +265,7 @@ class _TorchFoldPass:
         if len(add.inputs) != 2 or add.inputs[0] == add.inputs[1] or set(add.kwargs) - {"other"}:
             raise FoldRefused("the add is not a plain sum of two different tensors")
         staged, targets = [], []
-        scale_only = Affine(site.bn.affine.scale, torch.zeros_like(site.bn.affine.shift))
+        scale_only = Affine(site.bn.affine.scale, np.zeros_like(site.bn.affine.shift))
         for v, affine in zip(add.inputs, (site.bn.affine, scale_only), strict=True):
             producer = self.flow.producer(v)
             module, spec = self.layer(producer)

@@ -98,7 +98,7 @@ def _probe(ranks: frozenset[int], channels: int) -> torch.Tensor:
 
 def _apply(affine: Affine, x: torch.Tensor) -> torch.Tensor:
     shape = [1, -1] + [1] * (x.dim() - 2)
-    return x * affine.scale.reshape(shape) + affine.shift.reshape(shape)
+    return x * torch.from_numpy(affine.scale).reshape(shape) + torch.from_numpy(affine.shift).reshape(shape)
 
 
 def _matches(module: nn.Module, affine: Affine, ranks: frozenset[int], tail: nn.Module | None) -> bool:

@@ -1,0 +1,114 @@
+"""External data: read lazily and checked, written tensor by tensor, kept external when the input was."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto
+from test_no_torch import conv_bn_model
+
+from bnfold.errors import BnfoldError
+from bnfold.onnx_fold import fold_onnx, load_onnx, save_onnx
+from bnfold.onnx_fold.files import session_source, uses_external_data
+from bnfold.pipeline import run_pipeline
+
+
+def _save_external(model: onnx.ModelProto, path) -> None:
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="w.bin", size_threshold=0
+    )
+
+
+def _run(path_or_model, x: np.ndarray) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = str(path_or_model) if not isinstance(path_or_model, onnx.ModelProto) else session_source(path_or_model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_fold_keeps_external_data_external_and_matches(tmp_path):
+    _save_external(conv_bn_model(channels=8), tmp_path / "in.onnx")
+    model = load_onnx(tmp_path / "in.onnx")
+    assert uses_external_data(model)  # loaded lazily: the data stays in w.bin
+    folded, report = fold_onnx(model)
+    assert report.bn_folded == 2
+    out = tmp_path / "out.onnx"
+    result = run_pipeline(tmp_path / "in.onnx", out)
+    assert result.report.bn_folded == 2
+    assert (tmp_path / "out.onnx.data").stat().st_size > 0  # the input used external data: so does the output
+    written = onnx.load(str(out), load_external_data=False)
+    assert all(t.data_location == TensorProto.EXTERNAL for t in written.graph.initializer if len(t.dims) == 4)
+    onnx.checker.check_model(str(out), full_check=True)
+    x = np.random.default_rng(0).standard_normal((2, 8, 6, 6)).astype(np.float32)
+    expected = _run(tmp_path / "in.onnx", x)
+    np.testing.assert_allclose(_run(out, x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(_run(folded, x), expected, rtol=1e-5, atol=1e-5)  # in memory too
+    # saving again (the model now reads from in.onnx's data) and inline both work
+    inline = save_onnx(folded, tmp_path / "inline.onnx", external_data=False)
+    assert not (tmp_path / "inline.onnx.data").exists()
+    np.testing.assert_allclose(_run(inline, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_inline_model_written_with_external_data_round_trips(tmp_path):
+    model = conv_bn_model(channels=8)
+    out = save_onnx(model, tmp_path / "big.onnx", external_data=True)
+    loaded = load_onnx(out)
+    for a, b in zip(model.graph.initializer, loaded.graph.initializer, strict=True):
+        assert a.name == b.name
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(a), np.asarray(_decode(b)))
+
+
+def _decode(tensor):
+    from bnfold.onnx_fold.tensors import decode
+
+    return decode(tensor)
+
+
+def _tamper(path, key, value):
+    model = onnx.load(str(path), load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == key:
+            entry.value = value
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("location", "/etc/passwd", "absolute path"),
+        ("location", "../outside.bin", "outside the model's folder"),
+        ("location", "missing.bin", "does not exist"),
+        ("offset", "999999999", "past the end"),
+        ("length", "12", "external length is 12"),
+        ("offset", "-4", "negative"),
+        ("offset", "x", "non-integer"),
+    ],
+)
+def test_hostile_external_data_is_refused_in_one_line(tmp_path, key, value, message):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    _save_external(conv_bn_model(), folder / "in.onnx")
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 4096)
+    _tamper(folder / "in.onnx", key, value)
+    with pytest.raises(BnfoldError, match=message):
+        load_onnx(folder / "in.onnx")
+    done = subprocess.run(
+        [sys.executable, "-m", "bnfold", "inspect", str(folder / "in.onnx")], capture_output=True, text=True
+    )
+    assert done.returncode == 2 and message.split()[0] in done.stderr and "Traceback" not in done.stderr
+
+
+def test_link_out_of_the_folder_is_refused(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    _save_external(conv_bn_model(), folder / "in.onnx")
+    (tmp_path / "secret.bin").write_bytes((folder / "w.bin").read_bytes())
+    (folder / "w.bin").unlink()
+    (folder / "w.bin").symlink_to(tmp_path / "secret.bin")
+    with pytest.raises(BnfoldError, match="outside the model's folder"):
+        load_onnx(folder / "in.onnx")
