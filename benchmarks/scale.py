@@ -14,6 +14,12 @@ Each tool runs as its own process; peak RSS comes from ``wait4`` on that process
 
 Afterwards the input and bnfold's output are run by ONNX Runtime (optimiser off) on one seeded input and
 compared; ``match`` is the largest difference relative to the output's largest magnitude.
+
+Also measured: a ResNet-50-sized net with inline weights (``--skip-resnet50`` skips it and the torch case);
+each tool's peak on a 2-block model (its fixed cost: interpreter and libraries), from which "above
+baseline" is counted; start-up (``bnfold fold small.onnx`` beside ``python -c "import onnx, onnxruntime"``,
+median of 5); and the PyTorch path, ``bnfold.fold(model, inplace=True)`` on 1.1 GB of Linear + BatchNorm1d
+blocks, its peak RSS above the RSS before folding.
 """
 
 from __future__ import annotations
@@ -35,6 +41,18 @@ from onnx import TensorProto, helper
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("bnfold", "ort", "onnxsim")
 BLOCK_BYTES = 1024 * 1024 * 9 * 4
+
+# a small launcher forks the tool and reads its peak RSS from wait4: a child forked from this (large) process
+# would inherit this process's peak in ru_maxrss
+LAUNCH = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 ORT_BASIC = """
 import sys, onnxruntime as ort
@@ -99,29 +117,25 @@ def build(path: Path, blocks: int, channels: int, spatial: int = 8, seed: int = 
 
 
 def run(command: list[str], cwd: Path, timeout: float) -> dict:
-    """Run ``command``; its exit status, seconds, peak RSS in MB (wait4) and the tail of its output."""
-    log = cwd / ".log"
+    """Run ``command``; its exit status, seconds, peak RSS in MB (wait4, in a small launcher) and last line."""
+    log, peak = cwd / ".log", cwd / ".peak"
+    peak.unlink(missing_ok=True)
     start = time.perf_counter()
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
-    deadline = start + timeout
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            process.kill()
-            pid, status, usage = os.wait4(process.pid, 0)
-            break
-        time.sleep(0.05)
-    process.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            code = subprocess.run(
+                [sys.executable, "-c", LAUNCH, str(peak), *command],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd,
+                timeout=timeout,
+            ).returncode
+        except subprocess.TimeoutExpired:
+            code = -9
+    seconds = time.perf_counter() - start
     tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
-    return {
-        "exit": process.returncode,
-        "seconds": round(time.perf_counter() - start, 2),
-        "peak_mb": round(usage.ru_maxrss / 1024, 1),
-        "last_line": tail[0][:200],
-    }
+    peak_kb = int(peak.read_text()) if peak.exists() else 0
+    return {"exit": code, "seconds": round(seconds, 2), "peak_mb": round(peak_kb / 1024, 1), "last_line": tail[0][:200]}
 
 
 def tool_command(tool: str, source: Path, out: Path) -> list[str]:
@@ -148,9 +162,32 @@ def match(source: Path, folded: Path, channels: int, spatial: int = 8) -> float:
     return float(np.abs(outs[0] - outs[1]).max()) / scale
 
 
+def _match_isolated(source: Path, folded: Path, channels: int) -> float:
+    """:func:`match` in its own process, so this process stays small (its size would show in later forks)."""
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import scale, pathlib; "
+    code += "print(scale.match(pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3]), int(sys.argv[4])))"
+    args = [str(Path(__file__).parent), str(source), str(folded), str(channels)]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def bn_left(path: Path) -> int:
     model = onnx.load(str(path), load_external_data=False)
     return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+
+
+WORK_CASES = ("2300 MB", "resnet50-size")
+
+
+def _work_row(label: str, source: Path, folder: Path) -> dict:
+    row = {"case": label}
+    for tool in ("bnfold", "ort"):
+        row[tool] = round(work_seconds(tool, source, folder / f"work-{tool}.onnx"), 2)
+    print(f"work only (imports excluded, median of 3): {label}: bnfold {row['bnfold']} s, ort {row['ort']} s")
+    return row
+
+
+WORK: list[dict] = []
 
 
 def sweep(label: str, blocks: int, channels: int, tools: list[str], folder: Path, timeout: float) -> list[dict]:
@@ -168,11 +205,13 @@ def sweep(label: str, blocks: int, channels: int, tools: list[str], folder: Path
         row["memory_x_model"] = round(result["peak_mb"] / (weight_bytes / 2**20), 2)
         if result["exit"] == 0 and out.exists():
             row["bn_left"] = bn_left(out)
-            row["match"] = match(source, out, channels) if tool == "bnfold" else None
+            row["match"] = _match_isolated(source, out, channels) if tool == "bnfold" else None
         rows.append(row)
         print(_line(row), flush=True)
         for leftover in case.glob(f"{tool}.onnx*"):
             leftover.unlink()
+    if label in WORK_CASES:
+        WORK.append(_work_row(label, source, case))
     shutil.rmtree(case, ignore_errors=True)
     return rows
 
@@ -213,8 +252,76 @@ def resnet50_case(tools: list[str], folder: Path, timeout: float) -> list[dict]:
             row["match"] = None
         rows.append(row)
         print(_line(row), flush=True)
+    WORK.append(_work_row("resnet50-size", source, case))
     shutil.rmtree(case, ignore_errors=True)
     return rows
+
+
+WORK_ONLY = {  # the same jobs timed inside the process, after the imports: the work itself
+    "bnfold": (
+        "import sys, time\nfrom bnfold.onnx_fold import fold_onnx, load_onnx, save_onnx\n"
+        "from bnfold.onnx_fold.files import uses_external_data\nstart = time.perf_counter()\n"
+        "model = load_onnx(sys.argv[1]); external = uses_external_data(model)\n"
+        "folded, _ = fold_onnx(model, copy=False)\n"
+        "save_onnx(folded, sys.argv[2], external_data=True if external else None)\n"
+        "print(time.perf_counter() - start)\n"
+    ),
+    "ort": (
+        "import sys, time, onnxruntime as ort\nstart = time.perf_counter()\n"
+        + ORT_BASIC.split("import sys, onnxruntime as ort", 1)[1].replace(
+            "sys.argv[3]", "__import__('os').path.basename(sys.argv[2]) + '.data'"
+        )
+        + "print(time.perf_counter() - start)\n"
+    ),
+}
+
+
+def work_seconds(tool: str, source: Path, out: Path, repeats: int = 3) -> float:
+    """Median seconds of the job inside its process (interpreter start and imports excluded)."""
+    times = []
+    for _ in range(repeats):
+        done = subprocess.run(
+            [sys.executable, "-c", WORK_ONLY[tool], str(source), str(out)], capture_output=True, text=True
+        )
+        if done.returncode:
+            raise RuntimeError(done.stderr.strip().splitlines()[-1])
+        times.append(float(done.stdout.strip().splitlines()[-1]))
+    for leftover in out.parent.glob(out.name + "*"):
+        leftover.unlink()
+    return sorted(times)[len(times) // 2]
+
+
+TORCH_INPLACE = """
+import json, resource, sys, time, torch
+from torch import nn
+import bnfold
+blocks = int(sys.argv[1])
+torch.manual_seed(0)
+layers = []
+for _ in range(blocks):
+    bn = nn.BatchNorm1d(4096)
+    bn.running_mean.uniform_(-0.2, 0.2)
+    bn.running_var.uniform_(0.5, 1.5)
+    layers += [nn.Linear(4096, 4096), bn, nn.ReLU()]
+model = nn.Sequential(*layers).eval()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+start = time.perf_counter()
+folded, report = bnfold.fold(model, torch.randn(2, 4096), inplace=True)
+seconds = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+print(json.dumps({"weight_mb": round(weights, 1), "rss_before_fold_mb": round(before, 1), "peak_mb": round(peak, 1),
+                  "extra_x_model": round((peak - before) / weights, 3), "seconds": round(seconds, 2),
+                  "bn_folded": report.bn_folded, "note": (report.notes or [""])[-1]}))
+"""
+
+
+def torch_inplace(blocks: int = 17) -> dict:
+    """``bnfold.fold(model, inplace=True)`` on Linear 4096x4096 + BatchNorm1d blocks (17: 1.1 GB of weights)."""
+    done = subprocess.run([sys.executable, "-c", TORCH_INPLACE, str(blocks)], capture_output=True, text=True)
+    if done.returncode:
+        return {"error": done.stderr.strip().splitlines()[-1:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def start_up(folder: Path, repeats: int = 5) -> dict:
@@ -260,6 +367,9 @@ def main() -> None:
         rows += sweep(f"{blocks} blocks", blocks, 8, tools, folder, args.timeout)
     if not args.skip_resnet50:
         rows += resnet50_case(tools, folder, args.timeout)
+    inplace = torch_inplace() if not args.skip_resnet50 else None
+    if inplace:
+        print(f"PyTorch path, bnfold.fold(inplace=True): {inplace}")
     startup = start_up(folder)
     for label, seconds in startup["seconds"].items():
         print(f"start-up: {label}: {seconds:.2f} s (median of 5)")
@@ -276,7 +386,10 @@ def main() -> None:
     import onnxruntime
 
     meta = {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "cpus": os.cpu_count()}
-    Path(args.json).write_text(json.dumps({**meta, "rows": rows, "start_up_seconds": startup}, indent=2) + "\n")
+    Path(args.json).write_text(
+        json.dumps({**meta, "rows": rows, "work_only": WORK, "start_up": startup, "torch_inplace": inplace}, indent=2)
+        + "\n"
+    )
     print(f"wrote {args.json}")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import mmap
 from typing import Any
 
 import ml_dtypes
@@ -37,6 +38,7 @@ __all__ = [
     "round_to",
     "scale_input_channels",
     "scale_output_channels",
+    "scale_output_channels_rounded",
 ]
 
 
@@ -216,6 +218,47 @@ def scale_output_channels(
     else:
         w = w * s.reshape([1] * (w.ndim - 1) + [-1])
     return w, b * s + affine.shift
+
+
+def scale_output_channels_rounded(
+    weight: np.ndarray,
+    bias: Any | None,  # noqa: ANN401 - a numpy array or torch tensor
+    affine: Affine,
+    dtype: np.dtype,
+    *,
+    block_elements: int = 2**18,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`scale_output_channels` for a ``Layout.CONV`` weight, rounded a block of output channels at a time.
+
+    The same float64 maths and the same single rounding, but a layer is never held in
+    float64 whole: each block of rows is computed, checked and rounded into the result
+    (a 37 MB float32 weight needs 2 MB of float64 at a time, not 75 MB).
+
+    Returns:
+        The rounded weight (``dtype``), the float64 bias, and how many values were flushed to zero.
+
+    Raises:
+        FoldRefused: Channel mismatch, or a block that does not survive rounding.
+    """
+    out = int(weight.shape[0])
+    if out != affine.channels:
+        raise FoldRefused(f"layer writes {out} channels but BN has {affine.channels}")
+    b = _bias64(bias, out)
+    if b.size != out:
+        raise FoldRefused(f"bias has {b.size} values for {out} channels")
+    result = np.empty(weight.shape, dtype=dtype)
+    per_row = max(1, int(np.prod(weight.shape[1:])))
+    step = max(1, block_elements // per_row)
+    flushed = 0
+    mapped = getattr(weight, "_mmap", None)  # a memory-mapped weight: its pages are dropped once read
+    for start in range(0, out, step):
+        rows = slice(start, min(out, start + step))
+        block = np.multiply(weight[rows], affine.scale[rows].reshape([-1] + [1] * (weight.ndim - 1)), dtype=np.float64)
+        result[rows], count = round_to(block, dtype)
+        flushed += count
+        if mapped is not None and hasattr(mapped, "madvise"):
+            mapped.madvise(mmap.MADV_DONTNEED)  # read-only file pages: dropped from memory, re-read if touched
+    return result, b * affine.scale + affine.shift, flushed
 
 
 def scale_input_channels(

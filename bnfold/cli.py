@@ -621,6 +621,153 @@ def train_command(
     _emit(as_json, False, {"metrics": m, "statistics": result.statistics, "output": output}, text)
 
 
+@main.command(name="stats")
+@click.argument("model_path", metavar="CKPT", type=click.Path(dir_okay=False))
+@click.option("--data", "data", required=True, help="A .npy/.npz file, an IDX file, an image folder or module:name.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The checkpoint to write (.pt).")
+@_arch_option
+@_kwargs_option
+@_shape_option
+@_unsafe_option
+@_trust_option
+@click.option("--labels", type=click.Path(dir_okay=False), help="A separate labels file (.npy/.npz or IDX).")
+@click.option("--batch-size", default=64, show_default=True, help="Samples per batch (BN sees this batch size).")
+@click.option("--num-batches", type=int, help="Stop after this many batches per process.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--resize", type=int, help="Image folder: resize the shorter side to this.")
+@click.option("--crop", type=int, help="Image folder: centre crop to this square side.")
+@click.option(
+    "--mean", "mean_text", help="Image folder: per-channel mean after scaling to [0,1], e.g. 0.485,0.456,0.406."
+)
+@click.option("--std", "std_text", help="Image folder: per-channel std, e.g. 0.229,0.224,0.225.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@_json_option
+def stats_command(
+    model_path: str,
+    data: str,
+    output: str,
+    arch: str | None,
+    arch_kwargs: str | None,
+    input_shapes: tuple[str, ...],
+    unsafe_pickle: bool,
+    trust_arch: bool,
+    labels: str | None,
+    batch_size: int,
+    num_batches: int | None,
+    device: str,
+    resize: int | None,
+    crop: int | None,
+    mean_text: str | None,
+    std_text: str | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Recompute every BN's population statistics (the BN paper's Algorithm 2) over your data.
+
+    Streams the data once with the network in training mode, keeps float64 sums per
+    channel, and writes CKPT with its running mean and variance replaced. Under torchrun
+    each rank reads its own shard, the sums are all-reduced and rank 0 writes. Reports
+    how far each BN's statistics moved and, when the data has labels, the accuracy
+    before and after. The output is self-describing when the architecture is known, so
+    it folds with no --arch:
+
+    \b
+    Examples:
+      bnfold stats weights.pt --arch resnet-tiny --data calib.npz -o fresh.pt
+      bnfold stats ckpt.pt --data images/ --resize 256 --crop 224 \\
+          --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 -o fresh.pt
+      torchrun --nproc-per-node 2 -m bnfold stats ckpt.pt --data calib.npz -o fresh.pt
+      bnfold stats ckpt.pt --data calib.npz -o fresh.pt && bnfold fold fresh.pt -o model.onnx --verify
+
+    \b
+    Exit status: 0 done; 2 bad input, usage or environment; 3 internal error (a bug).
+    """
+    import os
+
+    from bnfold.lazy import is_module, is_script_module
+    from bnfold.loading import load_detailed
+    from bnfold.training.sources import ImageOptions
+    from bnfold.training.stats import recompute_statistics
+    from bnfold.training.trainer import _distributed
+
+    rank = int(os.environ.get("RANK", "0"))
+    out = Path(output)
+    if out.suffix not in (".pt", ".pth"):
+        raise BnfoldError(f"{out}: bnfold stats writes a .pt checkpoint")
+    if rank == 0:
+        check_outputs({"-o": output}, force=force, inputs=[model_path, data] + ([labels] if labels else []))
+    kwargs = _arch_kwargs(arch_kwargs)
+    loaded = load_detailed(model_path, arch, kwargs, unsafe_pickle=unsafe_pickle, trust_arch=trust_arch)
+    if not is_module(loaded.model) or is_script_module(loaded.model) or loaded.format == "torch-export":
+        raise BnfoldError(
+            f"{model_path}: population statistics need the PyTorch module (a state_dict with --arch, or a bnfold "
+            f"checkpoint), not a {loaded.format} file"
+        )
+    shapes = _shapes(input_shapes)
+    shape = shapes[0][1:] if shapes else (loaded.input_shape[1:] if loaded.input_shape else None)
+    images = ImageOptions(resize=resize, crop=crop, mean=_floats(mean_text, "--mean"), std=_floats(std_text, "--std"))
+    _distributed()
+    result = recompute_statistics(
+        loaded.model,
+        data,
+        batch_size=batch_size,
+        num_batches=num_batches,
+        input_shape=tuple(shape) if shape else None,
+        labels=labels,
+        images=images,
+        device=device,
+        progress=not as_json,
+        stage=_stage(as_json),
+    )
+    if rank == 0:
+        _write_stats_checkpoint(out, loaded, result, tuple(shape) if shape else None)
+    _leave_process_group()  # every rank waits for the write, then leaves together (gloo aborts a rank left alone)
+    if rank == 0:
+        payload = {**result.to_dict(), "output": str(out)}
+        _emit(as_json, False, payload, result.text() + f"\nwrote {out}")
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...]:
+    if text is None:
+        return (0.0,) if flag == "--mean" else (1.0,)
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise BnfoldError(f"{flag} {text}: expected comma-separated numbers") from None
+    if flag == "--std" and any(v <= 0 for v in values):
+        raise BnfoldError(f"{flag} {text}: every value must be positive")
+    return values
+
+
+def _write_stats_checkpoint(out: Path, loaded: Any, result: Any, shape: tuple[int, ...] | None) -> None:
+    """A trainer-format checkpoint when the architecture is known (folds without --arch), else a state_dict."""
+    import torch
+
+    from bnfold.recipe import TRAINED_FORMAT
+
+    state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
+    if loaded.arch and shape is not None:
+        payload: dict[str, Any] = {
+            "format": TRAINED_FORMAT,
+            "arch": loaded.arch,
+            "arch_kwargs": json.dumps(loaded.arch_kwargs),
+            "input_shape": list(shape),
+            "state_dict": state,
+            "statistics": result.to_dict(),
+        }
+    else:
+        payload = state
+    atomic_write(out, lambda tmp: torch.save(payload, tmp))
+
+
 @main.command(name="zoo")
 def zoo_command() -> None:
     """List the built-in architectures.

@@ -222,13 +222,17 @@ def run_pipeline(
             raise BnfoldError(f"{out}: an ONNX input is written as .onnx")
         stage("fold (ONNX pass)")
         try:
-            folded_proto, report = fold_onnx(loaded.model, allow_initializer_inputs=allow_initializer_inputs)
+            input_external = uses_external_data(loaded.model)
+            # the original is needed again only to verify or benchmark against: otherwise fold it in place
+            folded_proto, report = fold_onnx(
+                loaded.model, allow_initializer_inputs=allow_initializer_inputs, copy=do_verify or do_bench
+            )
         except BnfoldError as error:
             raise BnfoldError(f"{path}: {error}") from None
         result = PipelineResult(loaded.format, report)
         if out is not None:
             # an input that kept its weights as external data gets an output that does too
-            save_onnx(folded_proto, out, external_data=True if uses_external_data(loaded.model) else None)
+            save_onnx(folded_proto, out, external_data=True if input_external else None)
             result.output = str(out)
             result.bn_left_in_output = _bn_nodes(folded_proto)
         if do_verify:

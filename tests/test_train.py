@@ -77,6 +77,7 @@ def test_two_cpu_processes_under_torchrun(tmp_path):
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",
         "--nproc-per-node",
         "2",
         "-m",

@@ -49,7 +49,7 @@ STEPS = {
     },
     "onnx -> .onnx": {
         "temp dir creation": "tempfile.mkdtemp",
-        "write": "onnx.save_model",
+        "write": "bnfold.onnx_fold.files._write_streamed",
         "fsync": "os.fsync",
         "rename": "os.replace",
     },

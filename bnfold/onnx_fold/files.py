@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 import shutil
@@ -138,8 +139,8 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, external_data:
     external = (
         (uses_external_data(model) or _tensor_bytes(model) > PROTOBUF_LIMIT) if external_data is None else external_data
     )
-    if not external:
-        model = inline_copy(model)
+    if not external and _tensor_bytes(model) > PROTOBUF_LIMIT:
+        raise BnfoldError(f"{out}: the model is over 2 GB: it can only be written with external data")
     directory = out.parent if str(out.parent) else Path(".")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=directory))
@@ -148,12 +149,10 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, external_data:
     try:
         staged = tmp / out.name
         if external:
-            _write_external(model, staged, tmp / f"{out.name}.data", f"{out.name}.data")
+            _write_streamed(model, staged, tmp / f"{out.name}.data", f"{out.name}.data")
             os.replace(tmp / f"{out.name}.data", directory / f"{out.name}.data")
         else:
-            onnx.save_model(model, str(staged))
-            with open(staged, "rb+") as handle:
-                os.fsync(handle.fileno())
+            _write_streamed(model, staged, None, "")
         os.replace(staged, out)
     except OSError as error:
         raise write_error(out, error) from None
@@ -162,24 +161,65 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, external_data:
     return out
 
 
-def _write_external(model: onnx.ModelProto, staged: Path, data: Path, location: str) -> None:
-    """Stream the model: its tensors into ``data``, then the model's small remainder into ``staged``."""
+def _write_streamed(model: onnx.ModelProto, staged: Path, data: Path | None, location: str) -> None:
+    """Write the model a tensor at a time: never one serialisation of the whole model.
+
+    Each initializer is encoded as its fields without ``raw_data``, then ``raw_data``
+    as the last field (any field order is valid protobuf), so the raw bytes are copied
+    once, straight to the file. The graph's length is known beforehand from the shells
+    and the declared data sizes (checked against the data as it is written). With
+    ``data``, large tensors go there and the file holds references.
+    """
     graph_shell = without_field(model.graph, "initializer")
     for node in graph_shell.node:  # tensors held in attributes and subgraphs stay inline
         _inline_attributes(node)
-    model_shell = without_field(model, "graph")
-    pieces = [graph_shell.SerializeToString()]
-    with open(data, "wb") as handle:
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(open(data, "wb")) if data is not None else None
+        parts = []  # (tensor, its encoding without raw_data, raw_data length or None)
         for tensor in model.graph.initializer:
-            pieces.append(_field(5, _stored(tensor, handle, location).SerializeToString()))
+            stored = _stored(tensor, store, location)
+            if stored.data_location != onnx.TensorProto.EXTERNAL and stored.HasField("raw_data"):
+                parts.append((stored, _without_raw(stored).SerializeToString(), _data_bytes(stored)))
+            else:
+                parts.append((stored, stored.SerializeToString(), None))
+        if store is not None:
+            store.flush()
+            os.fsync(store.fileno())
+        graph_head = graph_shell.SerializeToString()
+        sizes = [len(encoded) + (0 if raw is None else 1 + len(_varint(raw)) + raw) for _, encoded, raw in parts]
+        graph_length = len(graph_head) + sum(len(_varint(5 << 3 | 2)) + len(_varint(n)) + n for n in sizes)
+        handle = stack.enter_context(open(staged, "wb"))
+        handle.write(without_field(model, "graph").SerializeToString())
+        handle.write(_varint(7 << 3 | 2) + _varint(graph_length) + graph_head)
+        for (tensor, encoded, raw_length), size in zip(parts, sizes, strict=True):
+            handle.write(_varint(5 << 3 | 2) + _varint(size) + encoded)
+            if raw_length is not None:
+                raw = tensor.raw_data
+                if len(raw) != raw_length:
+                    raise BnfoldError(f"tensor '{tensor.name[:80]}' holds {len(raw)} bytes, declares {raw_length}")
+                handle.write(_varint(9 << 3 | 2) + _varint(raw_length))
+                handle.write(raw)
+                del raw
         handle.flush()
         os.fsync(handle.fileno())
-    graph_bytes = b"".join(pieces)
-    with open(staged, "wb") as handle:
-        handle.write(model_shell.SerializeToString())
-        handle.write(_field(7, graph_bytes))
-        handle.flush()
-        os.fsync(handle.fileno())
+
+
+def _without_raw(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """A tensor's fields but ``raw_data``, read one by one (never a copy of the raw bytes)."""
+    shell = onnx.TensorProto()
+    for field in onnx.TensorProto.DESCRIPTOR.fields:
+        if field.name == "raw_data":
+            continue
+        value = getattr(tensor, field.name)
+        if hasattr(value, "extend"):
+            if len(value):
+                getattr(shell, field.name).extend(value)
+        elif field.message_type is not None:
+            if tensor.HasField(field.name):
+                getattr(shell, field.name).CopyFrom(value)
+        elif tensor.HasField(field.name):
+            setattr(shell, field.name, value)
+    return shell
 
 
 def without_field(message: Any, skip: str) -> Any:  # noqa: ANN401 - any protobuf message
@@ -212,9 +252,11 @@ def _inline_attributes(node: onnx.NodeProto) -> None:
                 _inline_attributes(inner)
 
 
-def _stored(tensor: onnx.TensorProto, handle: Any, location: str) -> onnx.TensorProto:
-    """The tensor as written: inline when small, else its bytes appended to ``handle`` and a reference."""
+def _stored(tensor: onnx.TensorProto, handle: Any, location: str) -> onnx.TensorProto:  # noqa: ANN401
+    """The tensor as written: inline when small or without ``handle``, else its bytes appended there and a reference."""
     external = tensor.data_location == onnx.TensorProto.EXTERNAL
+    if handle is None:
+        return numpy_helper.from_array(np.array(decode(tensor)), tensor.name) if external else tensor
     if not external and (_data_bytes(tensor) < _EXTERNAL_THRESHOLD or tensor.data_type == onnx.TensorProto.STRING):
         return tensor
     offset = handle.tell()

@@ -15,6 +15,7 @@ iteratively, within the budgets of :data:`bnfold.limits.LIMITS`.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -26,7 +27,7 @@ from onnx import helper
 from bnfold.limits import LIMITS
 from bnfold.onnx_fold.tensors import decode
 
-__all__ = ["FLOAT_DTYPES", "GraphIndex", "names_read", "subgraphs", "to_float64"]
+__all__ = ["FLOAT_DTYPES", "Encoded", "GraphIndex", "names_read", "subgraphs", "to_float64"]
 
 FLOAT_DTYPES = {
     onnx.TensorProto.FLOAT: np.dtype(np.float32),
@@ -60,6 +61,20 @@ def names_read(graph: onnx.GraphProto) -> set[str]:
 def to_float64(array: np.ndarray) -> np.ndarray:
     """A numpy constant (any float dtype, bfloat16 included) as float64."""
     return np.asarray(array).astype(np.float64)
+
+
+@dataclasses.dataclass
+class Encoded:
+    """A rounded tensor already encoded as ONNX raw data (its array freed): a large layer's folded weight."""
+
+    data: bytes
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
 
 
 class GraphIndex:
@@ -151,8 +166,25 @@ class GraphIndex:
         self._drop(node)
         while len(node.input) <= position:
             node.input.append("")
-        node.input[position] = name
+        old, node.input[position] = node.input[position], name
         self._add(node)
+        if old and old != name:
+            self._release(old)
+
+    def _release(self, name: str) -> None:
+        """Drop the data of a large initializer nothing reads any more (it is removed at the end of the pass).
+
+        An in-memory model would otherwise hold every replaced weight beside its folded one until then.
+        """
+        proto = self._protos.get(name)
+        if proto is None or self.consumers.get(name) or name in self.graph_outputs or name in self.overridable:
+            return
+        if proto.data_location == onnx.TensorProto.EXTERNAL or math.prod(proto.dims) <= CACHE_ELEMENTS:
+            return
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            proto.ClearField(field)
+        self._values.pop(name, None)
+        del self._protos[name]
 
     def set_output(self, node: onnx.NodeProto, position: int, name: str) -> None:
         """``node.output[position] = name``, keeping the index current."""
@@ -217,15 +249,19 @@ class GraphIndex:
 
     # -- constants -----------------------------------------------------------------------
 
-    def add_initializer(self, name: str, value: np.ndarray) -> None:
+    def add_initializer(self, name: str, value: np.ndarray | Encoded) -> None:
         """Append ``value`` as a new initializer (written in place, no proto copy); remembered only when small."""
         tensor = self.graph.initializer.add()
         tensor.name = name
         tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
         tensor.dims.extend(value.shape)
-        tensor.raw_data = np.ascontiguousarray(value).tobytes()  # little-endian, as ONNX wants
+        if isinstance(value, Encoded):
+            tensor.raw_data = value.data
+            value.data = b""  # the protobuf holds its own copy now
+        else:
+            tensor.raw_data = np.ascontiguousarray(value).tobytes()  # little-endian, as ONNX wants
         self._protos[name] = tensor
-        if value.size <= CACHE_ELEMENTS:
+        if isinstance(value, np.ndarray) and value.size <= CACHE_ELEMENTS:
             self._values[name] = value
 
     def constant(self, value: str) -> np.ndarray | None:

@@ -28,8 +28,9 @@ from bnfold.affine import (
     round_to,
     scale_input_channels,
     scale_output_channels,
+    scale_output_channels_rounded,
 )
-from bnfold.onnx_fold.graph import FLOAT_DTYPES, GraphIndex, to_float64
+from bnfold.onnx_fold.graph import FLOAT_DTYPES, Encoded, GraphIndex, to_float64
 from bnfold.report import (
     FOLDED_INTO_FOLLOWING,
     FOLDED_INTO_PRECEDING,
@@ -87,7 +88,7 @@ class _Layer:
     bias: np.ndarray | None  # Conv/ConvTranspose bias, Gemm C, or the constant of MatMul's bias Add
     add: onnx.NodeProto | None = None  # MatMul's bias Add
     add_const_index: int = 1
-    weight64: np.ndarray | None = None  # float64 values: exact where an earlier fold wrote this weight
+    weight64: np.ndarray | None = None  # the exact float64 values where an earlier fold wrote this weight, else None
     bias64: np.ndarray | None = None
 
     @property
@@ -120,7 +121,7 @@ class GraphPass:
 
     def _with_exact(self, layer: _Layer) -> _Layer:
         node = layer.node
-        layer.weight64 = self._f64(node.input[1], layer.weight)
+        layer.weight64 = self.exact.get(node.input[1])  # None: the stored weight is the exact value
         if layer.add is not None:
             bias = self._f64(layer.add.input[layer.add_const_index], layer.bias)
             layer.bias64 = None if bias is None else bias.reshape(-1)
@@ -219,7 +220,7 @@ class GraphPass:
 
     # -- rewrite helpers -----------------------------------------------------------------
 
-    def new_initializer(self, tensor: np.ndarray, base: str, *, keep_exact: bool = True) -> str:
+    def new_initializer(self, tensor: np.ndarray | Encoded, base: str, *, keep_exact: bool = True) -> str:
         """Add a rounded tensor as a fresh initializer; return its name.
 
         Its float64 value is kept (so a second fold into the same layer rounds once)
@@ -233,9 +234,14 @@ class GraphPass:
         self.index.add_initializer(name, tensor)
         return name
 
-    def may_fold_again(self, layer: _Layer) -> bool:
-        """Whether another BN could still fold into this layer: one reads its output or writes its input."""
-        out = layer.output
+    def may_fold_again(self, layer: _Layer, output: str | None = None) -> bool:
+        """Whether another BN could still fold into this layer: one reads its output or writes its input.
+
+        Args:
+            layer: The layer.
+            output: The name its output will have (a fold renames it to the BN's output).
+        """
+        out = output or layer.output
         for reader in self.index.readers(out):
             if reader is None:
                 continue
@@ -259,7 +265,7 @@ class GraphPass:
         self._rounded[id(rounded)] = (rounded, value)
         return rounded
 
-    def write_weight(self, layer: _Layer, weight: np.ndarray, notes: list[str]) -> None:
+    def write_weight(self, layer: _Layer, weight: np.ndarray | Encoded, notes: list[str]) -> None:
         """Point the layer at its folded weight (a copy when the old one is shared)."""
         old = layer.node.input[1]
         if len(self.index.readers(old)) > 1:
@@ -295,10 +301,23 @@ class GraphPass:
         if layer.bias is not None and np.asarray(layer.bias).dtype != layer.weight.dtype:
             raise FoldRefused(f"{_label(layer.node)} has weight and bias of different dtypes")
 
-    def fold_into(self, layer: _Layer, affine: Affine, notes: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """The layer's weight and bias with ``affine`` applied to its output, rounded."""
+    def fold_into(
+        self, layer: _Layer, affine: Affine, notes: list[str], *, exact_needed: bool = True
+    ) -> tuple[np.ndarray | Encoded, np.ndarray]:
+        """The layer's weight and bias with ``affine`` applied to its output, rounded.
+
+        A large Conv weight that no other BN can reach afterwards (``exact_needed`` False)
+        is folded a block of output channels at a time, never whole in float64.
+        """
         self.check_weight_dtype_matches(layer)
-        w = layer.weight64
+        w = layer.weight64 if layer.weight64 is not None else layer.weight
+        large = layer.weight.size > _ALWAYS_EXACT and layer.weight64 is None
+        if not exact_needed and large and layer.node.op_type == "Conv" and layer.layout is Layout.CONV:
+            b = layer.bias64 if layer.bias is not None else None
+            weight, bias, _ = scale_output_channels_rounded(layer.weight, b, affine, layer.dtype)
+            encoded = Encoded(weight.tobytes(), weight.dtype, weight.shape)
+            del weight  # one copy of the layer less while its initializer is written
+            return encoded, self.round(bias, layer)
         if layer.node.op_type == "Gemm":
             weight, _ = scale_output_channels(w, None, affine, layer.layout)
             beta = float(_attr(layer.node, "beta", 1.0))
@@ -336,7 +355,8 @@ class GraphPass:
         layer = self.layer(self.index.producer.get(x))
         self.only_reader(x, bn, _label(layer.add or layer.node))
         self.check_channel_axis(layer)
-        weight, bias = self.fold_into(layer, affine, notes)
+        exact_needed = self.may_fold_again(layer, bn.output[0])
+        weight, bias = self.fold_into(layer, affine, notes, exact_needed=exact_needed)
         target = _node_id(layer.node)
         self.remove(bn)
         self.index.set_output(layer.add or layer.node, 0, bn.output[0])
@@ -366,7 +386,7 @@ class GraphPass:
             raise FoldRefused(f"the Concat joins axis {axis}, not the channel axis 1")
         staged, start = [], 0
         for layer in layers:
-            stop = start + output_channels(layer.weight64, layer.layout, layer.groups)
+            stop = start + output_channels(layer.weight, layer.layout, layer.groups)
             if stop > affine.channels:
                 raise FoldRefused("the Concat has more channels than BN")
             staged.append((layer, *self.fold_into(layer, affine.slice(start, stop), notes)))
@@ -433,7 +453,7 @@ class GraphPass:
         if through is not None:
             if node.op_type not in ("Gemm", "MatMul"):
                 raise FoldRefused(f"{_label(node)} after {_label(through)} is not a Gemm or MatMul")
-            features = input_channels(layer.weight64, layer.layout, layer.groups)
+            features = input_channels(layer.weight, layer.layout, layer.groups)
             if features % affine.channels:
                 raise FoldRefused(f"{_label(node)} reads {features} features, not a multiple of BN's channels")
             affine = affine.repeat(features // affine.channels)
@@ -446,7 +466,7 @@ class GraphPass:
                 else f"the rank of BN's output is unknown, so the channel axis {_label(node)} reads is unproven"
             )
         self.check_weight_dtype_matches(layer)
-        w = layer.weight64
+        w = layer.weight64 if layer.weight64 is not None else layer.weight
         padded = node.op_type == "Conv" and self.zero_padded(node, layer.weight)
         if node.op_type in ("Gemm", "MatMul"):
             weight, contribution = scale_input_channels(w, None, affine, layer.layout)
@@ -510,7 +530,7 @@ class GraphPass:
         rank = layer.out_rank
         if rank is None:
             raise FoldRefused("unknown output rank")
-        channels = output_channels(layer.weight64, layer.layout, layer.groups)
+        channels = output_channels(layer.weight, layer.layout, layer.groups)
         if const.ndim > rank:
             raise FoldRefused("constant has more axes than the tensor")
         shape = (1,) * (rank - const.ndim) + tuple(const.shape)

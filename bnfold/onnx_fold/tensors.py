@@ -32,6 +32,7 @@ _FIELDS = {
     onnx.TensorProto.UINT64: "uint64_data",
     onnx.TensorProto.STRING: "string_data",
 }
+_MAP_FROM_BYTES = 2**20  # external tensors of at least this size are memory-mapped, smaller ones read
 _PER_ELEMENT = {onnx.TensorProto.COMPLEX64: 2, onnx.TensorProto.COMPLEX128: 2}
 
 
@@ -197,24 +198,20 @@ def resolve_external_data(model: onnx.ModelProto, base: Path) -> int:
     """
     root = base.resolve()
     total = 0
+    files: dict[str, tuple[Path, int]] = {}  # location -> (resolved path, size): one lookup per file
     for tensor, where in _graph_tensors(model.graph, ""):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         label = _label(tensor, where)
         location, offset, length = external_location(tensor, where)
-        if os.path.isabs(location) or location.startswith(("/", "\\")):
-            raise BnfoldError(f"{label}: external data location '{location[:80]}' is an absolute path")
-        path = (root / location).resolve()
-        if not path.is_relative_to(root):
-            raise BnfoldError(f"{label}: external data location '{location[:80]}' lies outside the model's folder")
-        if not path.is_file():
-            raise BnfoldError(f"{label}: external data file '{location[:80]}' does not exist")
+        if location not in files:
+            files[location] = _data_file(root, location, label)
+        path, size = files[location]
         want = _expected_bytes(tensor, where)
         if length is not None and length != want:
             raise BnfoldError(
                 f"{label} declares {list(tensor.dims)[:8]} ({want} bytes) but its external length is {length}"
             )
-        size = path.stat().st_size
         if offset + want > size:
             raise BnfoldError(
                 f"{label}: external data range {offset}..{offset + want} lies past the end of '{location[:80]}' "
@@ -226,9 +223,32 @@ def resolve_external_data(model: onnx.ModelProto, base: Path) -> int:
     return total
 
 
+def _data_file(root: Path, location: str, label: str) -> tuple[Path, int]:
+    """The checked path and size of an external data file named by ``location`` relative to ``root``."""
+    if os.path.isabs(location) or location.startswith(("/", "\\\\")):
+        raise BnfoldError(f"{label}: external data location '{location[:80]}' is an absolute path")
+    path = (root / location).resolve()
+    if not path.is_relative_to(root):
+        raise BnfoldError(f"{label}: external data location '{location[:80]}' lies outside the model's folder")
+    if not path.is_file():
+        raise BnfoldError(f"{label}: external data file '{location[:80]}' does not exist")
+    return path, path.stat().st_size
+
+
 def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Every tensor of the model (subgraphs and attributes included) stored as external data."""
     return [t for t, _ in _graph_tensors(model.graph, "") if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+_DESCRIPTORS: dict[str, int] = {}  # external data files open for reading small tensors, a few at a time
+
+
+def _descriptor(path: str) -> int:
+    if path not in _DESCRIPTORS:
+        if len(_DESCRIPTORS) >= 8:
+            os.close(_DESCRIPTORS.pop(next(iter(_DESCRIPTORS))))
+        _DESCRIPTORS[path] = os.open(path, os.O_RDONLY)
+    return _DESCRIPTORS[path]
 
 
 def _map_external(tensor: onnx.TensorProto, where: str) -> np.ndarray:
@@ -243,6 +263,12 @@ def _map_external(tensor: onnx.TensorProto, where: str) -> np.ndarray:
     if math.prod(shape) == 0:
         return np.zeros(shape, dtype)
     try:
+        size = math.prod(shape) * dtype.itemsize
+        if size < _MAP_FROM_BYTES:  # small: read (a map holds a file descriptor per tensor)
+            data = os.pread(_descriptor(location), size, offset)
+            if len(data) != size:
+                raise OSError(f"{size} bytes expected at offset {offset}, {len(data)} read")
+            return np.frombuffer(data, dtype=dtype).reshape(shape)
         return np.memmap(location, dtype=dtype, mode="r", offset=offset, shape=shape)
     except (OSError, ValueError) as error:
         raise BnfoldError(f"{_label(tensor, where)}: external data cannot be read ({error})") from None

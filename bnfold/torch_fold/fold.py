@@ -128,6 +128,8 @@ class _TorchFoldPass:
         )
         self.graph_changed = False
         self.all_sites: list[_Site] = []
+        self.flushed: dict[int, int] = {}  # module id -> values flushed to zero when its weights were written
+        self.module_call = {id(flow.modules[c.target]): c for c in flow.calls if c.op == "module"}
 
     # -- match ---------------------------------------------------------------------------
 
@@ -416,16 +418,43 @@ class _TorchFoldPass:
         self.flow.graph_module.graph.erase_node(node)
         self.graph_changed = True
 
+    def write(self, key: int) -> None:
+        """Round a staged layer once and give it its folded parameters; its float64 values are dropped."""
+        item = self.staged.pop(key)
+        old = item.module.weight
+        weight, n_w = round_to(item.weight, old.dtype)
+        bias, n_b = round_to(item.bias, old.dtype)
+        item.module.weight = nn.Parameter(weight.to(old.device), requires_grad=old.requires_grad)
+        item.module.bias = nn.Parameter(bias.to(old.device), requires_grad=old.requires_grad)
+        self.flushed[key] = self.flushed.get(key, 0) + n_w + n_b
+
+    def may_fold_again(self, module: nn.Module) -> bool:
+        """Whether a BN not folded yet is next to ``module`` (writes its input or reads its output)."""
+        call = self.module_call.get(id(module))
+        if call is None:
+            return True
+        for site in self.all_sites:
+            if site.entry.action != KEPT:
+                continue
+            producer = self.flow.producer(site.input)
+            if producer is call or (
+                _function_kind(producer) and any(self.flow.producer(v) is call for v in producer.inputs)
+            ):
+                return True
+            for user in self.flow.users(site.call.output):
+                if user is call or any(u is call for u in self.flow.users(user.output)):
+                    return True
+        return False
+
+    def write_final(self) -> None:
+        """Write every staged layer no remaining BN can reach: one float64 copy per layer at a time, not all."""
+        for key in [k for k, item in self.staged.items() if not self.may_fold_again(item.module)]:
+            self.write(key)
+
     def materialise(self) -> dict[int, int]:
-        flushed: dict[int, int] = {}
-        for key, item in self.staged.items():
-            old = item.module.weight
-            weight, n_w = round_to(item.weight, old.dtype)
-            bias, n_b = round_to(item.bias, old.dtype)
-            item.module.weight = nn.Parameter(weight.to(old.device), requires_grad=old.requires_grad)
-            item.module.bias = nn.Parameter(bias.to(old.device), requires_grad=old.requires_grad)
-            flushed[key] = n_w + n_b
-        return flushed
+        for key in list(self.staged):
+            self.write(key)
+        return self.flushed
 
     def run(self) -> tuple[nn.Module, list[LayerEntry]]:
         sites = self.all_sites = self.sites()
@@ -435,6 +464,7 @@ class _TorchFoldPass:
             for site in sites:
                 if site.entry.action == KEPT and self.try_fold(site):
                     changed = True
+                    self.write_final()
         flushed = self.materialise()
         by_name = {name: id(m) for name, m in self.flow.modules.items()}
         for site in sites:
@@ -462,6 +492,15 @@ class _TorchFoldPass:
             else []
         )
         return result.eval(), [s.entry for s in sites] + dead
+
+
+def _memory_note(weight_bytes: int, inplace: bool) -> str:
+    """The process's peak resident memory beside the model's parameter bytes (for models of 1 GB and more)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    copy = "folded in place" if inplace else "folded in a copy (inplace=True avoids it)"
+    return f"peak resident memory {peak:,.0f} MB for {weight_bytes / 2**20:,.0f} MB of parameters, {copy}"
 
 
 def _attr(root: nn.Module, path: str) -> torch.Tensor:
@@ -531,6 +570,9 @@ def fold(
             except Exception as run_error:  # noqa: BLE001
                 raise BnfoldError(f"the model rejected the example inputs: {run_error}") from None
     folded, entries = _TorchFoldPass(work, flow).run()
+    weight_bytes = sum(p.numel() * p.element_size() for p in work.parameters())
+    if weight_bytes >= 2**30:
+        notes.append(_memory_note(weight_bytes, inplace))
     report = FoldReport(flow.method, entries, notes)
     logger.info("folded %d of %d BatchNorm(s)", report.bn_folded, report.bn_total)
     return folded, report
