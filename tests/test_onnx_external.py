@@ -112,3 +112,53 @@ def test_link_out_of_the_folder_is_refused(tmp_path):
     (folder / "w.bin").symlink_to(tmp_path / "secret.bin")
     with pytest.raises(BnfoldError, match="outside the model's folder"):
         load_onnx(folder / "in.onnx")
+
+
+def test_typed_fields_strings_and_subgraph_tensors_survive_streamed_writes(tmp_path):
+    """float_data (not raw) tensors, strings, and an If branch's initializer, written inline and external."""
+    from onnx import helper, numpy_helper
+
+    big = helper.make_tensor("big", TensorProto.FLOAT, [64, 64], np.arange(4096, dtype=np.float32).tolist())
+    words = helper.make_tensor("words", TensorProto.STRING, [2], [b"a", b"bc"])
+    inner = numpy_helper.from_array(np.full((40, 40), 2.0, np.float32), "inner")
+    branch = helper.make_graph(
+        [helper.make_node("Add", ["x", "inner"], ["y_then"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [40, 40])],
+        [inner],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y_else"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [40, 40])],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=other)],
+        "g",
+        [
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [40, 40]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [40, 40])],
+        [big, words],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    for external in (False, True):
+        out = save_onnx(model, tmp_path / f"m{external}.onnx", external_data=external)
+        back = onnx.load(str(out))
+        onnx.checker.check_model(back)
+        np.testing.assert_array_equal(numpy_helper.to_array(back.graph.initializer[0]), numpy_helper.to_array(big))
+        assert [str(w) for w in numpy_helper.to_array(back.graph.initializer[1])] == ["a", "bc"]
+        assert (tmp_path / f"m{external}.onnx.data").exists() == external
+        x = np.ones((40, 40), np.float32)
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        np.testing.assert_array_equal(session.run(None, {"c": np.array(True), "x": x})[0], x + 2)
+
+
+def test_save_is_canonical_protobuf(tmp_path):
+    """The streamed writer gives the bytes protobuf itself gives (one graph field, fields in order)."""
+    model = conv_bn_model(channels=8)
+    out = save_onnx(model, tmp_path / "m.onnx")
+    assert out.read_bytes() == model.SerializeToString()

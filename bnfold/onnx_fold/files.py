@@ -164,35 +164,40 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, external_data:
 def _write_streamed(model: onnx.ModelProto, staged: Path, data: Path | None, location: str) -> None:
     """Write the model a tensor at a time: never one serialisation of the whole model.
 
-    Each initializer is encoded as its fields without ``raw_data``, then ``raw_data``
-    as the last field (any field order is valid protobuf), so the raw bytes are copied
-    once, straight to the file. The graph's length is known beforehand from the shells
-    and the declared data sizes (checked against the data as it is written). With
-    ``data``, large tensors go there and the file holds references.
+    The bytes are protobuf's canonical encoding (fields in number order, the graph as one
+    field), assembled piece by piece: each message is split around the field written by
+    hand (the model around its graph, the graph around its initializers, a tensor around
+    its raw data), and each tensor's raw bytes are copied once, straight to the file. The
+    lengths are known beforehand from the pieces and the declared data sizes (checked
+    against the data as it is written). With ``data``, large tensors go there and the
+    file holds references.
     """
     graph_shell = without_field(model.graph, "initializer")
     for node in graph_shell.node:  # tensors held in attributes and subgraphs stay inline
         _inline_attributes(node)
+    graph_head, graph_tail = _split(graph_shell, 5)
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(open(data, "wb")) if data is not None else None
-        parts = []  # (tensor, its encoding without raw_data, raw_data length or None)
+        parts = []  # (tensor, encoding before raw_data, after it, raw_data length or None)
         for tensor in model.graph.initializer:
             stored = _stored(tensor, store, location)
             if stored.data_location != onnx.TensorProto.EXTERNAL and stored.HasField("raw_data"):
-                parts.append((stored, _without_raw(stored).SerializeToString(), _data_bytes(stored)))
+                parts.append((stored, *_split(_without_raw(stored), 9), _data_bytes(stored)))
             else:
-                parts.append((stored, stored.SerializeToString(), None))
+                parts.append((stored, stored.SerializeToString(), b"", None))
         if store is not None:
             store.flush()
             os.fsync(store.fileno())
-        graph_head = graph_shell.SerializeToString()
-        sizes = [len(encoded) + (0 if raw is None else 1 + len(_varint(raw)) + raw) for _, encoded, raw in parts]
-        graph_length = len(graph_head) + sum(len(_varint(5 << 3 | 2)) + len(_varint(n)) + n for n in sizes)
+        sizes = [
+            len(head) + len(tail) + (0 if raw is None else len(_varint(9 << 3 | 2)) + len(_varint(raw)) + raw)
+            for _, head, tail, raw in parts
+        ]
+        graph_length = len(graph_head) + len(graph_tail) + sum(1 + len(_varint(n)) + n for n in sizes)
+        model_head, model_tail = _split(without_field(model, "graph"), 7)
         handle = stack.enter_context(open(staged, "wb"))
-        handle.write(without_field(model, "graph").SerializeToString())
-        handle.write(_varint(7 << 3 | 2) + _varint(graph_length) + graph_head)
-        for (tensor, encoded, raw_length), size in zip(parts, sizes, strict=True):
-            handle.write(_varint(5 << 3 | 2) + _varint(size) + encoded)
+        handle.write(model_head + _varint(7 << 3 | 2) + _varint(graph_length) + graph_head)
+        for (tensor, head, tail, raw_length), size in zip(parts, sizes, strict=True):
+            handle.write(_varint(5 << 3 | 2) + _varint(size) + head)
             if raw_length is not None:
                 raw = tensor.raw_data
                 if len(raw) != raw_length:
@@ -200,8 +205,24 @@ def _write_streamed(model: onnx.ModelProto, staged: Path, data: Path | None, loc
                 handle.write(_varint(9 << 3 | 2) + _varint(raw_length))
                 handle.write(raw)
                 del raw
+            handle.write(tail)
+        handle.write(graph_tail + model_tail)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _split(message: Any, number: int) -> tuple[bytes, bytes]:  # noqa: ANN401 - any protobuf message
+    """The encodings of ``message``'s fields numbered below and above ``number`` (canonical order)."""
+    head, tail = type(message)(), type(message)()
+    for field, value in message.ListFields():
+        part = head if field.number < number else tail
+        if hasattr(value, "extend"):
+            getattr(part, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(part, field.name).CopyFrom(value)
+        else:
+            setattr(part, field.name, value)
+    return head.SerializeToString(), tail.SerializeToString()
 
 
 def _without_raw(tensor: onnx.TensorProto) -> onnx.TensorProto:
