@@ -310,11 +310,6 @@ def _stored(tensor: onnx.TensorProto, handle: Any, location: str) -> onnx.Tensor
     return shell
 
 
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field: tag, varint length, payload."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def _varint(value: int) -> bytes:
     out = bytearray()
     while True:
