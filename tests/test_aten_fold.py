@@ -45,3 +45,45 @@ def test_exported_linear_on_3d_input_is_refused():
     folded, report = bnfold.fold(gm)
     assert report.bn_kept == 1 and "another axis" in report.layers[0].reason
     assert torch.allclose(folded(x), expected)
+
+
+class _CatBN(torch.nn.Module):
+    """Two convs concatenated (along ``dim``), then one BN over the result."""
+
+    def __init__(self, dim: int = 1, third: bool = False):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 2, 1, bias=False)
+        self.dim, self.third = dim, third
+        self.bn = torch.nn.BatchNorm2d(6 if dim == 1 else 4)
+
+    def forward(self, x):
+        if self.dim == 1:
+            parts = [self.a(x), self.b(x)] if not self.third else [self.a(x), torch.relu(self.b(x))]
+        else:
+            parts = [self.a(x), self.a(x).neg()]
+        return self.bn(torch.cat(parts, dim=self.dim))
+
+
+def test_exported_concat_folds_into_each_producer():
+    x = torch.randn(2, 3, 5, 5)
+    gm = _exported(_CatBN(), x)
+    expected = gm(x)
+    folded, report = bnfold.fold(gm)
+    assert report.bn_kept == 0 and report.layers[0].action == "folded into producers"
+    assert len(report.layers[0].targets) == 2 and "batch_norm" not in folded.code
+    assert torch.allclose(folded(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [(_CatBN(dim=2), "not the channel axis"), (_CatBN(third=True), "not an aten conv/linear")],
+    ids=["spatial-concat", "non-layer-producer"],
+)
+def test_exported_concat_twins_are_refused(model, reason):
+    x = torch.randn(2, 3, 5, 5)
+    gm = _exported(model, x)
+    expected = gm(x)
+    folded, report = bnfold.fold(gm)
+    assert report.bn_kept == 1 and reason in report.layers[0].reason, report.layers[0].reason
+    assert torch.allclose(folded(x), expected)
