@@ -27,6 +27,17 @@ from onnx import helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 BNFOLD = [sys.executable, "-m", "bnfold"]
+# bnfold runs under a small launcher that reads its peak RSS with wait4: a process forked straight from this
+# one (which imports torch) would inherit this process's peak in ru_maxrss
+LAUNCH = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
 
 
 @dataclasses.dataclass
@@ -214,17 +225,24 @@ def run_case(case: Case, folder: Path, timeout: float = 120.0) -> dict:
     digests = {name: (folder / name).read_bytes() for name in case.protected}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
+    peak = folder / ".peak"
+    peak.unlink(missing_ok=True)
     process = subprocess.Popen(
-        [*BNFOLD, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=folder, text=True
+        [sys.executable, "-c", LAUNCH, str(peak), *BNFOLD, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=folder,
+        text=True,
     )
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         output, _ = process.communicate()
-    # wait4 on a reaped child is not possible: read this child's rusage through the children total instead
     seconds = time.perf_counter() - start
     return {
+        "peak_mb": round(int(peak.read_text()) / 1024, 1) if peak.exists() else None,
         "case": case.name,
         "exit": process.returncode,
         "output": output,
@@ -240,7 +258,6 @@ def run_isolated(case: Case, folder: Path, timeout: float = 120.0) -> dict:
         "import sys, json, resource, pathlib; sys.path.insert(0, sys.argv[1]);"
         "import hostile_files as h; case = next(c for c in h.CASES if c.name == sys.argv[2]);"
         "r = h.run_case(case, pathlib.Path(sys.argv[3]), float(sys.argv[4]));"
-        "r['peak_mb'] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1);"
         "print(json.dumps(r))"
     )
     done = subprocess.run(

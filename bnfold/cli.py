@@ -392,6 +392,10 @@ def _read_inputs(path: str | None) -> list | None:
         return None
     import numpy as np
 
+    if path.endswith(".npz") and Path(path).is_file():
+        from bnfold.formats import check_npz
+
+        check_npz(Path(path))
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as error:

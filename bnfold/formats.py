@@ -45,6 +45,20 @@ def check_zip_sizes(path: Path, entries: list[zipfile.ZipInfo]) -> None:
         raise BnfoldError(f"{path}: the zip archive declares {total} bytes, over BNFOLD_MAX_ZIP_INFLATED")
 
 
+def check_npz(path: Path) -> None:
+    """Refuse an ``.npz`` archive that is not a zip or would inflate far beyond its size (see :func:`check_zip_sizes`).
+
+    Raises:
+        BnfoldError: One line.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise BnfoldError(f"{path}: not a readable .npz archive ({error})") from None
+    check_zip_sizes(path, entries)
+
+
 def _zip_kind(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:

@@ -248,3 +248,18 @@ def test_two_ranks_equal_one_process(tmp_path):
     for key in a:
         if "running" in key:
             torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+def test_npz_decompression_bomb_is_refused(tmp_path):
+    """A 64 MB array of zeros deflates to a few kB: refused before numpy inflates it (BNFOLD_MAX_ZIP_RATIO)."""
+    np.savez_compressed(tmp_path / "bomb.npz", x=np.zeros((2**24, 1), np.float32))
+    assert (tmp_path / "bomb.npz").stat().st_size < 2**20
+    out = tmp_path / "o.pt"
+    result = CliRunner().invoke(
+        main, ["stats", "models/cnn-bn.pt", "--data", str(tmp_path / "bomb.npz"), "-o", str(out)]
+    )
+    assert result.exit_code == 2 and "decompression bomb" in result.output and not out.exists()
+    verify = CliRunner().invoke(
+        main, ["verify", "models/cnn-bn.pt", "models/cnn-bn.pt", "--inputs", str(tmp_path / "bomb.npz")]
+    )
+    assert verify.exit_code == 2 and "decompression bomb" in verify.output

@@ -87,6 +87,10 @@ def _check_shape(x: np.ndarray, shape: tuple[int, ...] | None, source: str) -> t
 
 
 def _arrays(path: Path, labels: Path | None) -> tuple[np.ndarray, np.ndarray | None]:
+    if path.suffix == ".npz":
+        from bnfold.formats import check_npz
+
+        check_npz(path)  # a stranger's archive may be a decompression bomb
     try:
         data = np.load(path, allow_pickle=False, mmap_mode="r" if path.suffix == ".npy" else None)
     except (OSError, ValueError, EOFError) as error:
