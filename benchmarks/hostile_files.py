@@ -24,20 +24,10 @@ import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
+from peak_rss import LAUNCH
 
 ROOT = Path(__file__).resolve().parents[1]
 BNFOLD = [sys.executable, "-m", "bnfold"]
-# bnfold runs under a small launcher that reads its peak RSS with wait4: a process forked straight from this
-# one (which imports torch) would inherit this process's peak in ru_maxrss
-LAUNCH = """
-import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-open(sys.argv[1], "w").write(str(usage.ru_maxrss))
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
 
 
 @dataclasses.dataclass

@@ -37,22 +37,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
+from peak_rss import LAUNCH
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("bnfold", "ort", "onnxsim")
 BLOCK_BYTES = 1024 * 1024 * 9 * 4
 
-# a small launcher forks the tool and reads its peak RSS from wait4: a child forked from this (large) process
-# would inherit this process's peak in ru_maxrss
-LAUNCH = """
-import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.argv[2], sys.argv[2:])
-_, status, usage = os.wait4(pid, 0)
-open(sys.argv[1], "w").write(str(usage.ru_maxrss))
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
 
 ORT_BASIC = """
 import sys, onnxruntime as ort
