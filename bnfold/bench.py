@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from bnfold.errors import BnfoldError, first_line
-from bnfold.lazy import is_module
+from bnfold.lazy import is_module, torch_if_loaded
 from bnfold.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES, check_available, ort_providers
 
 if TYPE_CHECKING:
@@ -36,9 +36,7 @@ __all__ = ["BenchResult", "BenchRow", "benchmark", "compare", "runner", "timed",
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[int | None]:
     """Set torch's CPU threads for a block (when torch is loaded at all); yields the count in use."""
-    import sys
-
-    torch = sys.modules.get("torch")
+    torch = torch_if_loaded()
     if torch is None:  # ONNX-only work: threads go to each ONNX Runtime session
         yield threads
         return

@@ -29,12 +29,14 @@ __all__ = [
     "build_arch",
     "build_for_state",
     "check_state",
+    "import_named",
     "load_folded",
     "load_into",
     "read_checkpoint",
     "rebuild_folded",
     "save_folded",
     "state_dict_from",
+    "trained_checkpoint",
     "working_directory_importable",
 ]
 
@@ -109,6 +111,27 @@ def working_directory_importable() -> Iterator[None]:
             sys.path.remove(cwd)
 
 
+def import_named(spec: str, flag: str) -> Any:  # noqa: ANN401 - whatever the user's module holds
+    """The object ``package.module:attr.path`` names, the working directory importable while importing.
+
+    Importing runs that module's code: only for code the user named on the command line.
+
+    Raises:
+        BnfoldError: A module that fails to import (whatever it raises), or a missing attribute.
+    """
+    module_name, _, attr = spec.partition(":")
+    try:
+        with working_directory_importable():
+            target = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except AttributeError:
+        raise BnfoldError(f"{flag} {spec}: {module_name} has no attribute {attr}") from None
+    except Exception as error:  # noqa: BLE001 - importing runs the module, which may raise anything
+        raise BnfoldError(f"{flag} {spec}: cannot import {module_name} ({_first_line(error)})") from None
+    return target
+
+
 def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {first_line(error)}"
 
@@ -127,16 +150,7 @@ def build_arch(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     if arch in zoo.ZOO:
         factory = zoo.ZOO[arch].factory
     elif ":" in arch:
-        module_name, _, attr = arch.partition(":")
-        try:
-            with working_directory_importable():
-                factory = importlib.import_module(module_name)
-            for part in attr.split("."):
-                factory = getattr(factory, part)
-        except AttributeError:
-            raise BnfoldError(f"--arch {arch}: {module_name} has no attribute {attr}") from None
-        except Exception as error:  # noqa: BLE001 - importing runs the module, which may raise anything
-            raise BnfoldError(f"--arch {arch}: cannot import {module_name} ({_first_line(error)})") from None
+        factory = import_named(arch, "--arch")
     else:
         names = ", ".join(zoo.ZOO)
         raise BnfoldError(f"--arch {arch}: not a zoo name ({names}) nor package.module:callable")
@@ -253,6 +267,30 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
     except RuntimeError as error:
         raise BnfoldError(f"{source}: the weights do not load into the architecture ({_first_line(error)})") from None
     return model
+
+
+def trained_checkpoint(
+    model: nn.Module, arch: str, arch_kwargs: dict[str, Any] | None, input_shape: tuple[int, ...], **extra: Any
+) -> dict[str, Any]:
+    """A self-describing, weights-only-loadable checkpoint of a model with population statistics.
+
+    ``bnfold train`` and ``bnfold stats`` write it; ``bnfold fold`` rebuilds the model with no ``--arch``.
+
+    Args:
+        model: The model.
+        arch: Its architecture (zoo name or ``package.module:callable``).
+        arch_kwargs: The architecture's keyword arguments.
+        input_shape: One example's shape, without the batch axis.
+        **extra: More entries (how the statistics were computed, config, metrics).
+    """
+    return {
+        "format": TRAINED_FORMAT,
+        "arch": arch,
+        "arch_kwargs": json.dumps(arch_kwargs or {}),
+        "input_shape": list(input_shape),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **extra,
+    }
 
 
 def save_folded(

@@ -751,24 +751,16 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...]:
     return values
 
 
-def _write_stats_checkpoint(out: Path, loaded: Any, result: Any, shape: tuple[int, ...] | None) -> None:
+def _write_stats_checkpoint(out: Path, loaded: Any, result: Any, shape: tuple[int, ...] | None) -> None:  # noqa: ANN401
     """A trainer-format checkpoint when the architecture is known (folds without --arch), else a state_dict."""
     import torch
 
-    from bnfold.recipe import TRAINED_FORMAT
+    from bnfold.checkpoint import trained_checkpoint
 
-    state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
     if loaded.arch and shape is not None:
-        payload: dict[str, Any] = {
-            "format": TRAINED_FORMAT,
-            "arch": loaded.arch,
-            "arch_kwargs": json.dumps(loaded.arch_kwargs),
-            "input_shape": list(shape),
-            "state_dict": state,
-            "statistics": result.to_dict(),
-        }
+        payload = trained_checkpoint(loaded.model, loaded.arch, loaded.arch_kwargs, shape, statistics=result.to_dict())
     else:
-        payload = state
+        payload = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
     atomic_write(out, lambda tmp: torch.save(payload, tmp))
 
 

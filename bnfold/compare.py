@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bnfold.lazy import is_tensor
+from bnfold.affine import float64
 
 if TYPE_CHECKING:
     import torch
@@ -38,15 +38,9 @@ class ErrorStats:
         return dataclasses.asdict(self)
 
 
-def _np(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    if is_tensor(value):
-        return value.detach().cpu().double().numpy()
-    return np.asarray(value, dtype=np.float64)
-
-
 def error_stats(candidate: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndarray) -> ErrorStats:
     """Compare ``candidate`` with ``reference`` in float64."""
-    c, r = _np(candidate), _np(reference)
+    c, r = float64(candidate), float64(reference)
     if c.shape != r.shape:
         raise ValueError(f"shape {c.shape} differs from the reference's {r.shape}")
     if r.size == 0:

@@ -9,26 +9,27 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-__all__ = ["is_module", "is_script_module", "is_tensor"]
+__all__ = ["is_module", "is_script_module", "is_tensor", "torch_if_loaded"]
 
 
-def _torch() -> Any:  # noqa: ANN401 - the torch module, or None
+def torch_if_loaded() -> Any:  # noqa: ANN401 - the torch module, or None
+    """The torch module if something imported it already, else None (never imports it)."""
     return sys.modules.get("torch")
 
 
 def is_module(value: object) -> bool:
     """Whether ``value`` is a ``torch.nn.Module``."""
-    torch = _torch()
+    torch = torch_if_loaded()
     return torch is not None and isinstance(value, torch.nn.Module)
 
 
 def is_script_module(value: object) -> bool:
     """Whether ``value`` is a TorchScript module."""
-    torch = _torch()
+    torch = torch_if_loaded()
     return torch is not None and isinstance(value, torch.jit.ScriptModule)
 
 
 def is_tensor(value: object) -> bool:
     """Whether ``value`` is a ``torch.Tensor``."""
-    torch = _torch()
+    torch = torch_if_loaded()
     return torch is not None and isinstance(value, torch.Tensor)

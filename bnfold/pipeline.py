@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from bnfold.affine import float64
 from bnfold.errors import BnfoldError, first_line
 from bnfold.io import atomic_write
 from bnfold.lazy import is_script_module, is_tensor
@@ -101,8 +102,8 @@ def _check_statistics(model: nn.Module | onnx.ModelProto, source: str) -> None:
         var = getattr(module, "running_var", None)
         mean = getattr(module, "running_mean", None)
         if is_tensor(var) and is_tensor(mean):
-            _check_var(var.detach().double().cpu().numpy(), f"{source}: {name or 'the model'}")
-            if not np.isfinite(mean.detach().double().cpu().numpy()).all():
+            _check_var(float64(var), f"{source}: {name or 'the model'}")
+            if not np.isfinite(float64(mean)).all():
                 raise BnfoldError(f"{source}: {name} has a non-finite running_mean")
 
 

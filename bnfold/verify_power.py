@@ -126,10 +126,12 @@ def _perturbed(model: Any, layer: str, delta: float, seed: int) -> Any:
         return copy_
     import torch
 
+    from bnfold.affine import float64
+
     changed = copy.deepcopy(model)
     parameter = dict(changed.named_parameters())[layer]  # get_parameter() is missing on TorchScript modules
     with torch.no_grad():
-        values = _planted(parameter.detach().double().cpu().numpy(), delta, seed)
+        values = _planted(float64(parameter), delta, seed)
         parameter.copy_(torch.from_numpy(values).to(parameter.dtype))
     return changed
 

@@ -4,24 +4,26 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError, first_line
 from bnfold.io import write_error
 from bnfold.onnx_fold.tensors import (
     check_model_tensors,
+    declared_bytes,
     decode,
     external_location,
     external_tensors,
+    graph_tensors,
     resolve_external_data,
 )
 
@@ -70,18 +72,9 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
     return bool(external_tensors(model))
 
 
-def _data_bytes(tensor: onnx.TensorProto) -> int:
-    """A tensor's data size from its declaration (no serialisation, no copy of its bytes)."""
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
-    except (KeyError, ValueError, TypeError):
-        itemsize = 8
-    return math.prod(tensor.dims) * itemsize
-
-
 def _tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the model's initializers, inline or external."""
-    return sum(_data_bytes(t) for t in model.graph.initializer)
+    return sum(declared_bytes(t) or 0 for t in model.graph.initializer)
 
 
 def inline_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -97,9 +90,13 @@ def inline_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     for tensor in external_tensors(copy):
-        array = np.array(decode(tensor))
-        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
+        tensor.CopyFrom(_inlined(tensor))
     return copy
+
+
+def _inlined(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """An external tensor with its data read into the tensor itself."""
+    return numpy_helper.from_array(np.array(decode(tensor)), tensor.name)
 
 
 _SESSION_FILES: list[Path] = []
@@ -173,16 +170,18 @@ def _write_streamed(model: onnx.ModelProto, staged: Path, data: Path | None, loc
     file holds references.
     """
     graph_shell = without_field(model.graph, "initializer")
-    for node in graph_shell.node:  # tensors held in attributes and subgraphs stay inline
-        _inline_attributes(node)
+    for tensor, _ in graph_tensors(graph_shell):  # tensors held in attributes and subgraphs stay inline
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            tensor.CopyFrom(_inlined(tensor))
     graph_head, graph_tail = _split(graph_shell, 5)
     with contextlib.ExitStack() as stack:
         store = stack.enter_context(open(data, "wb")) if data is not None else None
         parts = []  # (tensor, encoding before raw_data, after it, raw_data length or None)
         for tensor in model.graph.initializer:
             stored = _stored(tensor, store, location)
-            if stored.data_location != onnx.TensorProto.EXTERNAL and stored.HasField("raw_data"):
-                parts.append((stored, *_split(_without_raw(stored), 9), _data_bytes(stored)))
+            raw_length = declared_bytes(stored)
+            if stored.data_location != onnx.TensorProto.EXTERNAL and stored.HasField("raw_data") and raw_length:
+                parts.append((stored, *_split(stored, 9), raw_length))
             else:
                 parts.append((stored, stored.SerializeToString(), b"", None))
         if store is not None:
@@ -193,7 +192,7 @@ def _write_streamed(model: onnx.ModelProto, staged: Path, data: Path | None, loc
             for _, head, tail, raw in parts
         ]
         graph_length = len(graph_head) + len(graph_tail) + sum(1 + len(_varint(n)) + n for n in sizes)
-        model_head, model_tail = _split(without_field(model, "graph"), 7)
+        model_head, model_tail = _split(model, 7)
         handle = stack.enter_context(open(staged, "wb"))
         handle.write(model_head + _varint(7 << 3 | 2) + _varint(graph_length) + graph_head)
         for (tensor, head, tail, raw_length), size in zip(parts, sizes, strict=True):
@@ -211,74 +210,46 @@ def _write_streamed(model: onnx.ModelProto, staged: Path, data: Path | None, loc
         os.fsync(handle.fileno())
 
 
-def _split(message: Any, number: int) -> tuple[bytes, bytes]:  # noqa: ANN401 - any protobuf message
-    """The encodings of ``message``'s fields numbered below and above ``number`` (canonical order)."""
-    head, tail = type(message)(), type(message)()
-    for field, value in message.ListFields():
-        part = head if field.number < number else tail
-        if hasattr(value, "extend"):
-            getattr(part, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(part, field.name).CopyFrom(value)
-        else:
-            setattr(part, field.name, value)
-    return head.SerializeToString(), tail.SerializeToString()
+def _fields(message: Any, keep: Callable[[Any], bool]) -> Any:  # noqa: ANN401 - any protobuf message
+    """A new message of the same type with the fields ``keep`` accepts.
 
-
-def _without_raw(tensor: onnx.TensorProto) -> onnx.TensorProto:
-    """A tensor's fields but ``raw_data``, read one by one (never a copy of the raw bytes)."""
-    shell = onnx.TensorProto()
-    for field in onnx.TensorProto.DESCRIPTOR.fields:
-        if field.name == "raw_data":
+    Fields are read one by one from the descriptor, so a field left out is never read:
+    a tensor's raw bytes or a model's graph are not copied on the way.
+    """
+    part = type(message)()
+    for field in message.DESCRIPTOR.fields:
+        if not keep(field):
             continue
-        value = getattr(tensor, field.name)
-        if hasattr(value, "extend"):
+        value = getattr(message, field.name)
+        if hasattr(value, "extend"):  # a repeated field
             if len(value):
-                getattr(shell, field.name).extend(value)
-        elif field.message_type is not None:
-            if tensor.HasField(field.name):
-                getattr(shell, field.name).CopyFrom(value)
-        elif tensor.HasField(field.name):
-            setattr(shell, field.name, value)
-    return shell
+                getattr(part, field.name).extend(value)
+        elif message.HasField(field.name):
+            if field.message_type is not None:
+                getattr(part, field.name).CopyFrom(value)
+            else:
+                setattr(part, field.name, value)
+    return part
 
 
 def without_field(message: Any, skip: str) -> Any:  # noqa: ANN401 - any protobuf message
-    """A copy of a protobuf message without the field ``skip`` (copied field by field, so ``skip`` is never copied)."""
-    shell = type(message)()
-    for field, value in message.ListFields():
-        if field.name == skip:
-            continue
-        if hasattr(value, "extend"):  # a repeated field
-            getattr(shell, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(shell, field.name).CopyFrom(value)
-        else:
-            setattr(shell, field.name, value)
-    return shell
+    """A copy of a protobuf message without the field ``skip`` (which is never copied)."""
+    return _fields(message, lambda field: field.name != skip)
 
 
-def _inline_attributes(node: onnx.NodeProto) -> None:
-    for attr in node.attribute:
-        tensors = [attr.t] if attr.HasField("t") else list(attr.tensors)
-        for tensor in tensors:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                tensor.CopyFrom(numpy_helper.from_array(np.array(decode(tensor)), tensor.name))
-        graphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
-        for graph in graphs:
-            for tensor in graph.initializer:
-                if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    tensor.CopyFrom(numpy_helper.from_array(np.array(decode(tensor)), tensor.name))
-            for inner in graph.node:
-                _inline_attributes(inner)
+def _split(message: Any, number: int) -> tuple[bytes, bytes]:  # noqa: ANN401 - any protobuf message
+    """The encodings of ``message``'s fields numbered below and above ``number`` (that field itself left out)."""
+    head = _fields(message, lambda field: field.number < number)
+    tail = _fields(message, lambda field: field.number > number)
+    return head.SerializeToString(), tail.SerializeToString()
 
 
 def _stored(tensor: onnx.TensorProto, handle: Any, location: str) -> onnx.TensorProto:  # noqa: ANN401
     """The tensor as written: inline when small or without ``handle``, else its bytes appended there and a reference."""
     external = tensor.data_location == onnx.TensorProto.EXTERNAL
     if handle is None:
-        return numpy_helper.from_array(np.array(decode(tensor)), tensor.name) if external else tensor
-    if not external and (_data_bytes(tensor) < _EXTERNAL_THRESHOLD or tensor.data_type == onnx.TensorProto.STRING):
+        return _inlined(tensor) if external else tensor
+    if not external and (declared_bytes(tensor) or 0) < _EXTERNAL_THRESHOLD:  # small, or strings / 4-bit: inline
         return tensor
     offset = handle.tell()
     if offset % _ALIGN:

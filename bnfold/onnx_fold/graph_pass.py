@@ -265,12 +265,19 @@ class GraphPass:
         self._rounded[id(rounded)] = (rounded, value)
         return rounded
 
-    def write_weight(self, layer: _Layer, weight: np.ndarray | Encoded, notes: list[str]) -> None:
-        """Point the layer at its folded weight (a copy when the old one is shared)."""
+    def write_weight(
+        self, layer: _Layer, weight: np.ndarray | Encoded, notes: list[str], *, keep_exact: bool | None = None
+    ) -> None:
+        """Point the layer at its folded weight (a copy when the old one is shared).
+
+        ``keep_exact``: whether another BN may still fold into the layer (asked of the graph when None).
+        """
         old = layer.node.input[1]
         if len(self.index.readers(old)) > 1:
             notes.append(f"weight '{old}' is shared with another node: folded into a copy")
-        name = self.new_initializer(weight, old, keep_exact=self.may_fold_again(layer))
+        if keep_exact is None:
+            keep_exact = self.may_fold_again(layer)
+        name = self.new_initializer(weight, old, keep_exact=keep_exact)
         self.index.set_input(layer.node, 1, name)
 
     def write_bias(self, layer: _Layer, bias: np.ndarray) -> None:
@@ -360,9 +367,8 @@ class GraphPass:
         target = _node_id(layer.node)
         self.remove(bn)
         self.index.set_output(layer.add or layer.node, 0, bn.output[0])
-        self.write_weight(layer, weight, notes)
+        self.write_weight(layer, weight, notes, keep_exact=exact_needed)
         self.write_bias(layer, bias)
-        self.remove(bn)
         return [target]
 
     def producers(self, bn: onnx.NodeProto, concat: onnx.NodeProto, affine: Affine, notes: list[str]) -> list[str]:

@@ -15,9 +15,11 @@ from bnfold.errors import BnfoldError
 __all__ = [
     "check_model_tensors",
     "check_tensor",
+    "declared_bytes",
     "decode",
     "external_location",
     "external_tensors",
+    "graph_tensors",
     "resolve_external_data",
 ]
 
@@ -68,8 +70,7 @@ def check_tensor(tensor: onnx.TensorProto, where: str = "") -> int:
     if tensor.HasField("raw_data") or tensor.data_type not in _FIELDS and not _typed_length(tensor):
         if tensor.data_type == onnx.TensorProto.STRING:
             raise BnfoldError(f"{label} holds strings as raw data")
-        bits = _bits(tensor.data_type, dtype)
-        want = (elements * bits + 7) // 8
+        want = declared_bytes(tensor)
         have = len(tensor.raw_data)
         if have != want:
             raise BnfoldError(
@@ -117,7 +118,8 @@ def decode(tensor: onnx.TensorProto, where: str = "") -> np.ndarray:
         raise BnfoldError(f"{_label(tensor, where)} cannot be decoded ({type(error).__name__})") from None
 
 
-def _graph_tensors(graph: onnx.GraphProto, where: str):  # noqa: ANN202 - a generator of (tensor, where)
+def graph_tensors(graph: onnx.GraphProto, where: str = ""):  # noqa: ANN201 - a generator of (tensor, where)
+    """Every tensor a graph holds, with what holds it: initializers, sparse parts, attributes, subgraphs."""
     for tensor in graph.initializer:
         yield tensor, f"{where}initializer"
     for sparse in graph.sparse_initializer:
@@ -131,10 +133,10 @@ def _graph_tensors(graph: onnx.GraphProto, where: str):  # noqa: ANN202 - a gene
                 for t in attr.tensors:
                     yield t, f"{where}{node.op_type} '{node.name[:60]}' attribute"
             elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graph_tensors(attr.g, f"{where}subgraph ")
+                yield from graph_tensors(attr.g, f"{where}subgraph ")
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for g in attr.graphs:
-                    yield from _graph_tensors(g, f"{where}subgraph ")
+                    yield from graph_tensors(g, f"{where}subgraph ")
 
 
 def check_model_tensors(model: onnx.ModelProto) -> None:
@@ -143,7 +145,7 @@ def check_model_tensors(model: onnx.ModelProto) -> None:
     Raises:
         BnfoldError: The first tensor whose data does not match, named.
     """
-    for tensor, where in _graph_tensors(model.graph, ""):
+    for tensor, where in graph_tensors(model.graph, ""):
         check_tensor(tensor, where)
 
 
@@ -167,11 +169,22 @@ def external_location(tensor: onnx.TensorProto, where: str = "") -> tuple[str, i
     return location, offset, length
 
 
+def declared_bytes(tensor: onnx.TensorProto) -> int | None:
+    """The bytes a tensor's declared type and shape take as raw data; None for strings and unknown types."""
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError, TypeError):
+        return None
+    return (math.prod(tensor.dims) * _bits(tensor.data_type, dtype) + 7) // 8
+
+
 def _expected_bytes(tensor: onnx.TensorProto, where: str) -> int:
-    if tensor.data_type in _PACKED_4BIT or tensor.data_type == onnx.TensorProto.STRING:
+    want = declared_bytes(tensor)
+    if want is None or tensor.data_type in _PACKED_4BIT:  # memory-mapping cannot unpack 4-bit values
         raise BnfoldError(f"{_label(tensor, where)}: external data of this element type is not supported")
-    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    return math.prod(tensor.dims) * np.dtype(dtype).itemsize
+    return want
 
 
 def _set_entry(tensor: onnx.TensorProto, key: str, value: str) -> None:
@@ -199,7 +212,7 @@ def resolve_external_data(model: onnx.ModelProto, base: Path) -> int:
     root = base.resolve()
     total = 0
     files: dict[str, tuple[Path, int]] = {}  # location -> (resolved path, size): one lookup per file
-    for tensor, where in _graph_tensors(model.graph, ""):
+    for tensor, where in graph_tensors(model.graph, ""):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         label = _label(tensor, where)
@@ -237,7 +250,7 @@ def _data_file(root: Path, location: str, label: str) -> tuple[Path, int]:
 
 def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     """Every tensor of the model (subgraphs and attributes included) stored as external data."""
-    return [t for t, _ in _graph_tensors(model.graph, "") if t.data_location == onnx.TensorProto.EXTERNAL]
+    return [t for t, _ in graph_tensors(model.graph, "") if t.data_location == onnx.TensorProto.EXTERNAL]
 
 
 _DESCRIPTORS: dict[str, int] = {}  # external data files open for reading small tensors, a few at a time

@@ -11,7 +11,6 @@ file that is not what its name says) raise :class:`BnfoldError` in one line.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import struct
 from collections.abc import Iterable, Iterator
@@ -199,24 +198,12 @@ def _image_batches(
         yield torch.from_numpy(x), torch.from_numpy(labels[start : start + batch_size].astype(np.int64))
 
 
-def _user_code(spec: str) -> Any:  # noqa: ANN401 - whatever the user's code returns
-    module_name, _, attr = spec.partition(":")
-    from bnfold.checkpoint import working_directory_importable
-
-    try:
-        with working_directory_importable():
-            target = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as error:
-        raise BnfoldError(f"--data {spec}: cannot import it ({first_line(error)})") from None
-    except Exception as error:  # noqa: BLE001 - the user's module raised while importing
-        raise BnfoldError(f"--data {spec}: importing it raised {type(error).__name__}: {first_line(error)}") from None
-    return target
-
-
 def _from_code(
     spec: str, batch_size: int, rank: int, world: int
 ) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor | None]], str]:
-    target = _user_code(spec)
+    from bnfold.checkpoint import import_named
+
+    target = import_named(spec, "--data")
     if isinstance(target, type) and issubclass(target, torch.utils.data.Dataset):
         try:
             dataset = target()

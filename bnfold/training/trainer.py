@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from bnfold import zoo
-from bnfold.checkpoint import TRAINED_FORMAT, build_arch
+from bnfold.checkpoint import build_arch, trained_checkpoint
 from bnfold.errors import BnfoldError
 from bnfold.io import atomic_write
 from bnfold.training.data import Dataset, load_dataset
@@ -56,16 +56,15 @@ class TrainResult:
         config = dataclasses.asdict(self.config)
         config["arch_kwargs"] = json.dumps(config["arch_kwargs"])
         config["input_shape"] = list(self.input_shape)
-        return {
-            "format": TRAINED_FORMAT,
-            "arch": self.config.arch,
-            "arch_kwargs": json.dumps(self.config.arch_kwargs),
-            "input_shape": list(self.input_shape),
-            "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-            "statistics": self.statistics,
-            "config": config,
-            "metrics": self.metrics,
-        }
+        return trained_checkpoint(
+            self.model,
+            self.config.arch,
+            self.config.arch_kwargs,
+            self.input_shape,
+            statistics=self.statistics,
+            config=config,
+            metrics=self.metrics,
+        )
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the checkpoint atomically."""
