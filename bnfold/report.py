@@ -6,10 +6,7 @@ import collections
 import dataclasses
 import json
 import re
-from collections.abc import Callable, Sequence
 from typing import Any
-
-from bnfold.affine import FoldRefused
 
 __all__ = [
     "FOLDED_INTO_FOLLOWING",
@@ -18,7 +15,6 @@ __all__ = [
     "KEPT",
     "FoldReport",
     "LayerEntry",
-    "first_fold",
     "reason_class",
 ]
 
@@ -185,31 +181,3 @@ def reason_class(reason: str | None) -> str:
     if not parts:
         return _side_class(reason)
     return "; ".join(f"{side}: {_side_class(text)}" for side, text in parts)
-
-
-# (label for the reason, action on success, attempt(notes) -> targets; raises FoldRefused)
-Attempt = tuple[str, str, Callable[[list[str]], list[str]]]
-
-
-def first_fold(entry: LayerEntry, attempts: Sequence[Attempt]) -> bool:
-    """Try the fold directions in order and record the outcome in ``entry``.
-
-    The first attempt that is not refused decides the action and targets; when
-    all are refused, their reasons are joined ("before: ...; after: ...").
-
-    Returns:
-        Whether one attempt folded the BN.
-    """
-    reasons = []
-    for label, action, attempt in attempts:
-        notes: list[str] = []
-        try:
-            targets = attempt(notes)
-        except FoldRefused as refused:
-            reasons.append(f"{label}: {refused}")
-            continue
-        entry.action, entry.targets, entry.reason = action, targets, ""
-        entry.notes.extend(notes)
-        return True
-    entry.reason = "; ".join(reasons)
-    return False

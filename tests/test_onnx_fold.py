@@ -140,7 +140,7 @@ def test_bn_after_concat_of_convs_folds_into_each():
     assert "BatchNormalization" not in _ops(folded)
 
 
-def test_concat_on_spatial_axis_is_refused():
+def test_concat_on_spatial_axis_gives_each_producer_the_whole_bn():
     text = """<ir_version: 8, opset_import: ["" : OPSET]>
     g (float[2,3,5,5] x) => (float[2,4,10,5] y) {
       a = Conv <pads=[1,1,1,1]> (x, Wa)
@@ -149,8 +149,22 @@ def test_concat_on_spatial_axis_is_refused():
       y = BatchNormalization (c, s, b, m, v)
     }"""
     inits = _consts(Wa=(4, 3, 3, 3), Wd=(4, 3, 3, 3)) + _bn_params(4)
+    _, report = _check(_model(text, inits), {"x": _x(2, 3, 5, 5)}, folded_count=1)
+    assert report.layers[0].targets == ["Conv:a", "Conv:d"] and "axis 2" in report.layers[0].notes[0]
+
+
+def test_concat_on_spatial_axis_with_a_non_layer_part_is_refused():
+    text = """<ir_version: 8, opset_import: ["" : OPSET]>
+    g (float[2,3,5,5] x) => (float[2,4,10,5] y) {
+      a = Conv <pads=[1,1,1,1]> (x, Wa)
+      d = Conv <pads=[1,1,1,1]> (x, Wd)
+      r = Relu (d)
+      c = Concat <axis=-2> (a, r)
+      y = BatchNormalization (c, s, b, m, v)
+    }"""
+    inits = _consts(Wa=(4, 3, 3, 3), Wd=(4, 3, 3, 3)) + _bn_params(4)
     _, report = _check(_model(text, inits), {"x": _x(2, 3, 5, 5)}, folded_count=0)
-    assert "axis 2" in report.layers[0].reason
+    assert "Relu" in report.layers[0].reason and "not a Conv" in report.layers[0].reason
 
 
 # -- into the following node ------------------------------------------------------------------

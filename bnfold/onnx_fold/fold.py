@@ -1,7 +1,7 @@
 """``fold_onnx``: the ONNX fold pass over a whole model (subgraphs included), with checks before and after.
 
 Shape inference gives ranks (for MatMul channel axes); each graph is indexed and
-folded by :class:`~bnfold.onnx_fold.graph_pass.GraphPass`; dead initializers and
+folded by the rules of :mod:`bnfold.rules` over :class:`~bnfold.onnx_fold.onnx_view.OnnxView`; dead initializers and
 constant computations are dropped; the result must pass ``onnx.checker``.
 """
 
@@ -18,9 +18,10 @@ from bnfold.errors import BnfoldError
 from bnfold.onnx_fold.constants import PURE_OPS
 from bnfold.onnx_fold.files import load_onnx, uses_external_data, without_field
 from bnfold.onnx_fold.graph import GraphIndex, names_read, subgraphs
-from bnfold.onnx_fold.graph_pass import GraphPass
+from bnfold.onnx_fold.onnx_view import OnnxView
 from bnfold.onnx_fold.tensors import check_model_tensors
 from bnfold.report import FoldReport, LayerEntry
+from bnfold.rules import RULES, fold_graph
 
 __all__ = ["fold_onnx"]
 
@@ -59,7 +60,11 @@ def _fold_graph(
     index = GraphIndex(graph, outer, ranks, dtypes, allow_initializer_inputs)
     index.shapes = shapes
     index.names |= names
-    GraphPass(index, entries, opset).run()
+    view = OnnxView(index, opset)
+    bn_entries = fold_graph(view, RULES, extra=view.fold_decomposed_all)
+    index.compact()
+    entries.extend(view.decomposed)
+    entries.extend(bn_entries)
     names |= index.names
     for node in graph.node:
         for sub in subgraphs(node):

@@ -1,41 +1,47 @@
-"""Fold BN in torch.export graphs, where every layer is an aten function reading constant attributes.
+"""torch.export programs as a graph view: aten functions reading constant attributes.
 
 An exported program's ``module()`` is a GraphModule whose convolutions and BNs are
-``call_function`` nodes on aten ops with ``get_attr`` parameters. A BN folds into the
-aten convolution or linear that produces its input, or into each producer of a channel
-concat (each takes its slice of the map), when those outputs have no other reader, the
-weight (and bias) attributes have no other reader, and the channel axes coincide (taken
-from the exported shapes). The maths is :mod:`bnfold.affine`'s.
+``call_function`` nodes on aten ops with ``get_attr`` parameters. Every rule of
+:mod:`bnfold.rules` runs on it; ranks and shapes come from the exported ``val`` metadata.
+A layer folds only when its weight (and bias) attributes have no other reader.
 """
 
 from __future__ import annotations
 
+import math
 import operator
+from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
-from bnfold.affine import Affine, FoldRefused, Layout, bn_affine, round_to, scale_output_channels
-from bnfold.report import FOLDED_INTO_PRECEDING, FOLDED_INTO_PRODUCERS, FoldReport, LayerEntry, first_fold
+from bnfold.affine import (
+    Affine,
+    FoldRefused,
+    Layout,
+    bn_affine,
+    input_channels,
+    output_channels,
+    round_to,
+    scale_input_channels,
+    scale_output_channels,
+)
+from bnfold.report import FoldReport, LayerEntry
+from bnfold.rules import RULES, fold_graph
+from bnfold.rules.view import ANY_RANK, BNSite, Layer, Op, OpKind, Staged
 
 __all__ = ["fold_exported", "has_aten_batch_norm"]
 
 aten = torch.ops.aten
+_NATIVE_BN = aten._native_batch_norm_legit_no_training.default
 _BN = {
     aten.batch_norm.default: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"),
-    aten._native_batch_norm_legit_no_training.default: (
-        "input",
-        "weight",
-        "bias",
-        "running_mean",
-        "running_var",
-        "momentum",
-        "eps",
-    ),
+    _NATIVE_BN: ("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps"),
 }
-_CAT = (aten.cat.default,)
-# op -> (layout, spatial dims, index of groups in args, default groups)
+# op -> (layout, spatial dims, index of groups in args)
 _LAYERS = {
     aten.linear.default: (Layout.CONV, 0, None),
     aten.conv1d.default: (Layout.CONV, 1, 6),
@@ -45,6 +51,10 @@ _LAYERS = {
     aten.conv_transpose2d.input: (Layout.CONV_TRANSPOSE, 2, 6),
     aten.conv_transpose3d.input: (Layout.CONV_TRANSPOSE, 3, 6),
 }
+_MAX_POOLS = tuple(getattr(aten, f"max_pool{n}d").default for n in (1, 2, 3))
+_AVG_POOLS = tuple(getattr(aten, f"avg_pool{n}d").default for n in (1, 2, 3))
+_ADAPTIVE_AVG = tuple(getattr(aten, f"adaptive_avg_pool{n}d").default for n in (1, 2, 3))
+_RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints)
 
 
 def has_aten_batch_norm(module: nn.Module) -> bool:
@@ -52,33 +62,239 @@ def has_aten_batch_norm(module: nn.Module) -> bool:
     return isinstance(module, fx.GraphModule) and any(n.target in _BN for n in module.graph.nodes)
 
 
-def _attr(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
-    if node is None:
-        return None
-    if not isinstance(node, fx.Node) or node.op != "get_attr":
-        raise FoldRefused("its parameters are not constant attributes")
-    value = gm
-    for part in node.target.split("."):
-        value = getattr(value, part)
-    return value
+def _shape(node: object) -> tuple | None:
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
-class _AtenFold:
+def _flattens_channels(node: fx.Node) -> bool:
+    """(N, C, ...) -> (N, C * ...), proven from the exported shapes."""
+    before, after = _shape(node.args[0]), _shape(node)
+    if before is None or after is None or len(before) < 2 or len(after) != 2:
+        return False
+    try:
+        return bool(after[0] == before[0]) and bool(after[1] == math.prod(before[1:]))
+    except Exception:  # noqa: BLE001 - symbolic sizes that cannot be compared statically
+        return False
+
+
+def _avg_pool_exact(node: fx.Node) -> bool:
+    """An avg_pool that averages real values only: no zero padding counted, no divisor override."""
+    args = list(node.args) + [None] * 7
+    padding, count_include_pad, divisor = args[3] or [0], args[5], args[6]
+    if divisor is not None:
+        return False
+    return count_include_pad is False or not any(padding)
+
+
+class AtenView:
+    """A torch.export GraphModule as a :class:`~bnfold.rules.view.GraphView` (changed in place)."""
+
+    kind = "torch.export"
+    shape_hint = "export with example inputs of static shape"
+
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
         self.attr_readers: dict[str, int] = {}
         for node in gm.graph.nodes:
             if node.op == "get_attr":
                 self.attr_readers[node.target] = self.attr_readers.get(node.target, 0) + len(node.users)
+        self.staged: dict[int, Staged] = {}
         self.fresh = 0
 
-    def own(self, node: object, layer: fx.Node) -> None:
-        if node is None:
-            return
-        if set(node.users) != {layer} or self.attr_readers.get(node.target, 0) != 1:
-            raise FoldRefused(f"{layer.name}'s parameter {node.target} is read elsewhere too")
+    # -- reading -------------------------------------------------------------------------
 
-    def set_param(self, layer: fx.Node, index: int, value: torch.Tensor) -> None:
+    def sites(self) -> list[BNSite]:
+        """One site per aten batch_norm node."""
+        found = []
+        for node in self.gm.graph.nodes:
+            if node.op != "call_function" or node.target not in _BN:
+                continue
+            entry = LayerEntry(node.name, "aten.batch_norm")
+            try:
+                affine: Affine | FoldRefused = self._affine(node)
+            except FoldRefused as refused:
+                affine = refused
+            found.append(BNSite([node], entry, affine, ANY_RANK - {1}))
+        return found
+
+    def _bound(self, bn: fx.Node) -> dict[str, Any]:
+        return dict(zip(_BN[bn.target], bn.args, strict=False)) | dict(bn.kwargs)
+
+    def _affine(self, bn: fx.Node) -> Affine:
+        bound = self._bound(bn)
+        if bound.get("training", False):
+            raise FoldRefused("batch_norm runs with training=True")
+        if bn.target is _NATIVE_BN and any(
+            u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in bn.users
+        ):
+            raise FoldRefused("its mean/var outputs are used")
+        return bn_affine(
+            self._tensor(bound["running_mean"]),
+            self._tensor(bound["running_var"]),
+            self._tensor(bound.get("weight")),
+            self._tensor(bound.get("bias")),
+            float(bound.get("eps", 1e-5)),
+        )
+
+    def _tensor(self, node: object) -> torch.Tensor | None:
+        if node is None:
+            return None
+        if not isinstance(node, fx.Node) or node.op != "get_attr":
+            raise FoldRefused("its parameters are not constant attributes")
+        value = self.gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        return value
+
+    def bn_input(self, node: fx.Node) -> fx.Node:
+        """The normalised value."""
+        return self._bound(node)["input"]
+
+    def bn_output(self, node: fx.Node) -> fx.Node:
+        """The normalised result (``getitem(bn, 0)`` of the native op)."""
+        if node.target is _NATIVE_BN:
+            return next((u for u in node.users if u.target is operator.getitem and u.args[1] == 0), node)
+        return node
+
+    def producer(self, value: object) -> fx.Node | None:
+        """The call writing ``value``."""
+        return value if isinstance(value, fx.Node) and value.op == "call_function" else None
+
+    def readers(self, value: fx.Node) -> list[fx.Node | None]:
+        """Readers, once per read; the graph output is None."""
+        found: list[fx.Node | None] = []
+        for user in value.users:
+            reads: list[fx.Node] = []
+            fx.node.map_arg((user.args, user.kwargs), reads.append)
+            count = sum(r is value for r in reads)
+            found += [None if user.op == "output" else user] * count
+        return found
+
+    def rank(self, value: object) -> int | None:
+        """From the exported shapes."""
+        shape = _shape(value)
+        return None if shape is None else len(shape)
+
+    def label(self, node: fx.Node | None) -> str:
+        """The node's name."""
+        if node is None:
+            return "the program output"
+        return node.name if node.op == "call_function" else f"{node.name} (a program input or constant)"
+
+    def op(self, node: fx.Node) -> Op:
+        """Classify an aten call."""
+        target, label = node.target, node.name
+        if target in _LAYERS:
+            return Op(node, OpKind.LAYER, [node.args[0]], node, label)
+        if target in _BN:
+            return Op(node, OpKind.BATCH_NORM, [self.bn_input(node)], self.bn_output(node), label)
+        if target is aten.cat.default:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+            return Op(node, OpKind.CONCAT, list(node.args[0]), node, label, axis=dim)
+        plain_add = target is aten.add.Tensor and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1
+        if plain_add and all(isinstance(a, fx.Node) for a in node.args):
+            return Op(node, OpKind.SUM, list(node.args), node, label)
+        if target in _RESHAPES and _flattens_channels(node):
+            return Op(node, OpKind.FLATTEN, [node.args[0]], node, label)
+        if target in _MAX_POOLS:
+            return Op(node, OpKind.MAX_POOL, [node.args[0]], node, label)
+        if (target in _AVG_POOLS and _avg_pool_exact(node)) or target in _ADAPTIVE_AVG:
+            return Op(node, OpKind.AVG_POOL, [node.args[0]], node, label)
+        if target is aten.mean.dim and (rank := self.rank(node.args[0])) is not None:
+            dims = node.args[1] if len(node.args) > 1 else None
+            if dims and all(d % rank >= 2 for d in dims):
+                return Op(node, OpKind.AVG_POOL, [node.args[0]], node, label)
+        return Op(node, OpKind.OTHER, [a for a in node.args if isinstance(a, fx.Node)], node, label)
+
+    def layer(self, node: fx.Node | None) -> Layer:
+        """An aten conv/linear owning its weight and bias attributes."""
+        if node is None or node.op != "call_function" or node.target not in _LAYERS:
+            what = self.label(node) if node is not None else "a program input"
+            raise FoldRefused(f"{what} is not a Conv/Linear (aten convolution or linear)")
+        layout, spatial, groups_index = _LAYERS[node.target]
+        weight_node = node.args[1]
+        bias_node = node.args[2] if len(node.args) > 2 else None
+        for param in (weight_node, bias_node):
+            if param is not None and (
+                not isinstance(param, fx.Node)
+                or param.op != "get_attr"
+                or set(param.users) != {node}
+                or self.attr_readers.get(param.target, 0) != 1
+            ):
+                raise FoldRefused(f"{node.name}'s weight {getattr(param, 'target', param)} is read elsewhere too")
+        weight = self._tensor(weight_node)
+        if not weight.dtype.is_floating_point:
+            raise FoldRefused(f"{node.name} has a {weight.dtype} weight")
+        groups = node.args[groups_index] if groups_index is not None and len(node.args) > groups_index else 1
+        rank = self.rank(node)
+        ranks = frozenset({rank}) if rank is not None else frozenset({spatial + 2} if spatial else ANY_RANK)
+        padding = node.args[4] if spatial and len(node.args) > 4 else 0
+        padded = layout is Layout.CONV and spatial > 0 and (isinstance(padding, str) or any(np.ravel(padding)))
+        return Layer(
+            node=node,
+            name=node.name,
+            label=node.name,
+            layout=layout,
+            groups=int(groups),
+            spatial=spatial,
+            ranks=ranks,
+            zero_padded=bool(padded),
+            data_input=node.args[0],
+            output=node,
+            out_channels=output_channels(weight, layout, int(groups)),
+            in_channels=input_channels(weight, layout, int(groups)),
+            state=(weight_node, bias_node, weight.dtype),
+        )
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _current(self, layer: Layer) -> tuple[Any, Any]:
+        staged = self.staged.get(id(layer.node))
+        if staged is not None:
+            return staged.weight, staged.bias
+        weight_node, bias_node, _ = layer.state
+        return self._tensor(weight_node), self._tensor(bias_node)
+
+    def _stage(self, layer: Layer, weight: np.ndarray, bias: np.ndarray) -> Staged:
+        dtype = layer.state[2]
+        round_to(weight, dtype)  # refuses overflow before anything is written
+        round_to(bias, dtype)
+        return Staged(layer, weight, bias)
+
+    def scale_output(self, layer: Layer, affine: Affine, *, final_output: object = None) -> Staged:
+        """Float64, kept until the end so a layer folded twice is rounded once."""
+        return self._stage(layer, *scale_output_channels(*self._current(layer), affine, layer.layout, layer.groups))
+
+    def scale_input(self, layer: Layer, affine: Affine) -> Staged:
+        """Float64, kept until the end."""
+        folded = scale_input_channels(
+            *self._current(layer), affine, layer.layout, layer.groups, padded=layer.zero_padded
+        )
+        return self._stage(layer, *folded)
+
+    def commit(self, staged: Sequence[Staged]) -> None:
+        """Remember the float64 results."""
+        for item in staged:
+            self.staged[id(item.layer.node)] = item
+
+    def remove_bn(self, site: BNSite, node: fx.Node) -> None:
+        """BN's readers read its input (the node itself goes with dead-code elimination)."""
+        self.bn_output(node).replace_all_uses_with(self.bn_input(node))
+
+    def settle(self) -> None:
+        """Nothing to drop: results are written by :meth:`write`."""
+
+    def write(self) -> None:
+        """Round each folded layer once and give it its parameters."""
+        for item in self.staged.values():
+            weight_node, bias_node, dtype = item.layer.state
+            device = self._tensor(weight_node).device
+            self._set_param(item.layer.node, 1, round_to(item.weight, dtype)[0].to(device))
+            self._set_param(item.layer.node, 2, round_to(item.bias, dtype)[0].to(device))
+        self.staged.clear()
+
+    def _set_param(self, layer: fx.Node, index: int, value: torch.Tensor) -> None:
         current = layer.args[index] if len(layer.args) > index else None
         if isinstance(current, fx.Node):
             owner_name, _, leaf = current.target.rpartition(".")
@@ -94,123 +310,16 @@ class _AtenFold:
         args[index] = attr
         layer.args = tuple(args)
 
-    def bn_parts(self, bn: fx.Node) -> tuple[dict, list[fx.Node]]:
-        """The BN's bound arguments and readers, or the reason it cannot be folded at all."""
-        bound = dict(zip(_BN[bn.target], bn.args, strict=False)) | dict(bn.kwargs)
-        if bound.get("training", False):
-            raise FoldRefused("batch_norm runs with training=True")
-        readers = list(bn.users)
-        native = bn.target is aten._native_batch_norm_legit_no_training.default
-        if native and any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in readers):
-            raise FoldRefused("its mean/var outputs are used")
-        return bound, readers
-
-    def affine(self, bound: dict) -> Affine:
-        """The BN's inference map."""
-        return bn_affine(
-            _attr(self.gm, bound["running_mean"]),
-            _attr(self.gm, bound["running_var"]),
-            _attr(self.gm, bound.get("weight")),
-            _attr(self.gm, bound.get("bias")),
-            float(bound.get("eps", 1e-5)),
-        )
-
-    def layer(self, layer: object, reader: fx.Node) -> tuple[fx.Node, Layout, int, torch.Tensor, torch.Tensor | None]:
-        """An aten conv/linear whose only reader is ``reader``, writing channels on axis 1, owning its parameters."""
-        if not isinstance(layer, fx.Node) or layer.target not in _LAYERS:
-            raise FoldRefused(f"its input comes from {getattr(layer, 'name', 'a constant')}, not an aten conv/linear")
-        if list(layer.users) != [reader]:
-            raise FoldRefused(f"{layer.name}'s output is also read elsewhere")
-        layout, spatial, groups_index = _LAYERS[layer.target]
-        value = layer.meta.get("val")
-        rank = value.dim() if isinstance(value, torch.Tensor) else None
-        if rank != (spatial + 2 if spatial else 2):
-            raise FoldRefused(f"{layer.name} writes channels on another axis than BN normalises (rank {rank})")
-        weight_node, bias_node = layer.args[1], layer.args[2] if len(layer.args) > 2 else None
-        self.own(weight_node, layer)
-        self.own(bias_node, layer)
-        groups = layer.args[groups_index] if groups_index is not None and len(layer.args) > groups_index else 1
-        return layer, layout, int(groups), _attr(self.gm, weight_node), _attr(self.gm, bias_node)
-
-    def staged(self, part: tuple, affine: Affine) -> tuple[fx.Node, torch.Tensor, torch.Tensor]:
-        """A layer's folded weight and bias, rounded (nothing written yet)."""
-        layer, layout, groups, weight, bias = part
-        new_weight, new_bias = scale_output_channels(weight, bias, affine, layout, groups)
-        new_weight, _ = round_to(new_weight, weight.dtype)
-        new_bias, _ = round_to(new_bias, weight.dtype)
-        return layer, new_weight.to(weight.device), new_bias.to(weight.device)
-
-    def rewire(self, bn: fx.Node, readers: list[fx.Node], value: fx.Node) -> None:
-        """Let BN's readers read ``value`` (its input) instead."""
-        if bn.target is aten._native_batch_norm_legit_no_training.default:
-            for user in readers:
-                if user.args[1] == 0:
-                    user.replace_all_uses_with(value)
-        else:
-            bn.replace_all_uses_with(value)
-
-    def write(self, staged: list[tuple[fx.Node, torch.Tensor, torch.Tensor]]) -> None:
-        for layer, weight, bias in staged:
-            self.set_param(layer, 1, weight)
-            self.set_param(layer, 2, bias)
-
-    def preceding(self, bn: fx.Node) -> list[str]:
-        """BN into the aten conv/linear that writes its input."""
-        bound, readers = self.bn_parts(bn)
-        part = self.layer(bound["input"], bn)
-        self.write([self.staged(part, self.affine(bound))])
-        self.rewire(bn, readers, part[0])
-        return [part[0].name]
-
-    def producers(self, bn: fx.Node) -> list[str]:
-        """BN after a channel concat of aten conv/linear outputs: each producer takes its slice of the map."""
-        bound, readers = self.bn_parts(bn)
-        cat = bound["input"]
-        if not isinstance(cat, fx.Node) or cat.target not in _CAT:
-            raise FoldRefused("its input is not a concat")
-        if list(cat.users) != [bn]:
-            raise FoldRefused(f"{cat.name}'s output is also read elsewhere")
-        inputs = cat.args[0]
-        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
-        value = cat.meta.get("val")
-        rank = value.dim() if isinstance(value, torch.Tensor) else None
-        if rank is None or dim % rank != 1:
-            raise FoldRefused(f"{cat.name} concatenates along axis {dim}, not the channel axis 1")
-        if len(set(inputs)) != len(inputs):
-            raise FoldRefused(f"{cat.name} reads one tensor twice")
-        affine = self.affine(bound)
-        staged, start = [], 0
-        for producer in inputs:
-            part = self.layer(producer, cat)
-            channels = int(part[0].meta["val"].shape[1])
-            if start + channels > affine.channels:
-                raise FoldRefused(f"{cat.name} has more channels than BN ({affine.channels})")
-            staged.append(self.staged(part, affine.slice(start, start + channels)))
-            start += channels
-        if start != affine.channels:
-            raise FoldRefused(f"{cat.name} has {start} channels but BN has {affine.channels}")
-        self.write(staged)
-        self.rewire(bn, readers, cat)
-        return [layer.name for layer, _, _ in staged]
-
 
 def fold_exported(gm: fx.GraphModule) -> tuple[fx.GraphModule, FoldReport]:
-    """Fold the BNs of a torch.export GraphModule (changed in place) into their aten producers.
+    """Fold the BNs of a torch.export GraphModule (changed in place) with every rule.
 
     Returns:
         The module and a report: one entry per aten batch_norm.
     """
-    folder = _AtenFold(gm)
-    entries = []
-    for bn in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _BN]:
-        entry = LayerEntry(bn.name, "aten.batch_norm")
-        source = bn.args[0] if bn.args else bn.kwargs.get("input")
-        if isinstance(source, fx.Node) and source.target in _CAT:
-            attempt = ("before", FOLDED_INTO_PRODUCERS, lambda _, bn=bn: folder.producers(bn))
-        else:
-            attempt = ("before", FOLDED_INTO_PRECEDING, lambda _, bn=bn: folder.preceding(bn))
-        first_fold(entry, [attempt])
-        entries.append(entry)
+    view = AtenView(gm)
+    entries = fold_graph(view, RULES)
+    view.write()
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

@@ -1,18 +1,17 @@
-"""The ONNX fold pass over one graph: BatchNormalization (and BN decomposed into Mul/Add) folded away.
+"""One ONNX graph as a graph view: BatchNormalization nodes, and BN decomposed into Mul/Add, folded away.
 
-Each BN is *matched* against its producer (Conv, ConvTranspose, Gemm, MatMul with or
-without a bias Add, or a channel Concat of convolutions) and its single consumer
-(Conv without zero padding, Gemm, MatMul); each *check* raises
-:class:`~bnfold.affine.FoldRefused` with the reason the report shows; the *rewrite*
-uses the float64 maths of :mod:`bnfold.affine`, rounds once to the weight's dtype, and
-writes new initializers (a weight shared with another node is copied, not changed).
-Subgraphs (If/Loop/Scan bodies) are folded too.
+Layers are Conv, ConvTranspose, Gemm and MatMul (with or without a constant bias
+Add) with constant weights. Every rule of :mod:`bnfold.rules` runs on this view; it
+rounds once to the weight's dtype and writes new initializers (a weight shared
+with another node is copied, not changed). A per-channel constant Mul/Add/Sub/Div
+after a layer (a BN some exporter decomposed) is folded by this view's own step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -31,16 +30,10 @@ from bnfold.affine import (
     scale_output_channels_rounded,
 )
 from bnfold.onnx_fold.graph import FLOAT_DTYPES, Encoded, GraphIndex, to_float64
-from bnfold.report import (
-    FOLDED_INTO_FOLLOWING,
-    FOLDED_INTO_PRECEDING,
-    FOLDED_INTO_PRODUCERS,
-    KEPT,
-    LayerEntry,
-    first_fold,
-)
+from bnfold.report import FOLDED_INTO_PRECEDING, LayerEntry
+from bnfold.rules.view import ANY_RANK, BNSite, Layer, Op, OpKind, Staged
 
-__all__ = ["GraphPass"]
+__all__ = ["OnnxView"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +41,7 @@ _LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _DECOMPOSED = ("Mul", "Add", "Sub", "Div")
 # ops a BN may be reached through before or after a layer (sum, concat, flatten, decomposed BN)
 _PASS_THROUGH = ("Add", "Sum", "Concat", "Flatten", "Reshape", "Identity", "Mul", "Sub", "Div")
+_METADATA_READERS = ("Shape", "Size")
 _ALWAYS_EXACT = 2**16  # float64 values of small tensors are kept anyway
 
 
@@ -103,13 +97,16 @@ class _Layer:
         return dtype
 
 
-class GraphPass:
-    """Match, check and rewrite every BN of one graph."""
+class OnnxView:
+    """One ONNX graph (its index updated in place by every rewrite) as a graph view."""
 
-    def __init__(self, index: GraphIndex, entries: list[LayerEntry], opset: int) -> None:
+    kind = "onnx"
+    shape_hint = "give the model static input shapes so shape inference can find it"
+
+    def __init__(self, index: GraphIndex, opset: int) -> None:
         self.index = index
-        self.entries = entries
         self.opset = opset
+        self.decomposed: list[LayerEntry] = []  # report rows of decomposed BNs folded
         # float64 values behind the initializers this pass wrote: a layer folded twice is still rounded once
         self.exact: dict[str, np.ndarray] = {}
         self._rounded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -131,9 +128,37 @@ class GraphPass:
 
     # -- match ---------------------------------------------------------------------------
 
-    def layer(self, node: onnx.NodeProto | None, *, allow_add: bool = True) -> _Layer:
+    def _onnx_layer(self, node: onnx.NodeProto | None, *, allow_add: bool = True) -> _Layer:
         """Describe ``node`` as a linear layer with constant weights, or refuse."""
         return self._with_exact(self._match_layer(node, allow_add=allow_add))
+
+    def layer(self, node: onnx.NodeProto | None) -> Layer:
+        """A Conv / ConvTranspose / Gemm / MatMul (or MatMul + constant bias Add) with constant weights."""
+        state = self._onnx_layer(node)
+        layer = state.node
+        self.check_weight_dtype_matches(state)
+        if layer.op_type in ("Conv", "ConvTranspose"):
+            spatial, ranks = state.weight.ndim - 2, frozenset({state.weight.ndim})
+        elif layer.op_type == "Gemm":
+            spatial, ranks = 0, frozenset({2})
+        else:
+            spatial = 0
+            ranks = frozenset({state.out_rank}) if state.out_rank is not None else ANY_RANK
+        return Layer(
+            node=node,
+            name=_node_id(layer),
+            label=_label(layer),
+            layout=state.layout,
+            groups=state.groups,
+            spatial=spatial,
+            ranks=ranks,
+            zero_padded=layer.op_type == "Conv" and self.zero_padded(layer, state.weight),
+            data_input=layer.input[0],
+            output=state.output,
+            out_channels=output_channels(state.weight, state.layout, state.groups),
+            in_channels=input_channels(state.weight, state.layout, state.groups),
+            state=state,
+        )
 
     def _match_layer(self, node: onnx.NodeProto | None, *, allow_add: bool = True) -> _Layer:
         if node is None:
@@ -337,14 +362,7 @@ class GraphPass:
 
     # -- the three directions ------------------------------------------------------------
 
-    def only_reader(self, value: str, reader: onnx.NodeProto, what: str) -> None:
-        """Refuse unless ``reader`` is the only reader of ``value`` (graph outputs count)."""
-        readers = self.index.readers(value)
-        if readers != [reader]:
-            other = next((r for r in readers if r is not reader), reader)
-            raise FoldRefused(f"the output of {what} is also read by {_label(other)}")
-
-    def check_channel_axis(self, layer: _Layer) -> None:
+    def check_matmul_axis(self, layer: _Layer) -> None:
         """Refuse a MatMul whose output channels are not on axis 1 (needs its rank)."""
         if layer.node.op_type != "MatMul":
             return  # Conv/ConvTranspose/Gemm outputs always carry channels on axis 1
@@ -356,141 +374,152 @@ class GraphPass:
                 "tensor but BN normalises axis 1"
             )
 
-    def preceding(self, bn: onnx.NodeProto, affine: Affine, notes: list[str]) -> list[str]:
-        """Fold BN into the layer that produces its input."""
-        x = bn.input[0]
-        layer = self.layer(self.index.producer.get(x))
-        self.only_reader(x, bn, _label(layer.add or layer.node))
-        self.check_channel_axis(layer)
-        exact_needed = self.may_fold_again(layer, bn.output[0])
-        weight, bias = self.fold_into(layer, affine, notes, exact_needed=exact_needed)
-        target = _node_id(layer.node)
-        self.remove(bn)
-        self.index.set_output(layer.add or layer.node, 0, bn.output[0])
-        self.write_weight(layer, weight, notes, keep_exact=exact_needed)
-        self.write_bias(layer, bias)
-        return [target]
+    # -- the graph view --------------------------------------------------------------------
 
-    def producers(self, bn: onnx.NodeProto, concat: onnx.NodeProto, affine: Affine, notes: list[str]) -> list[str]:
-        """Fold BN after a channel Concat into each Conv/ConvTranspose producer's slice."""
-        x = bn.input[0]
-        self.only_reader(x, bn, _label(concat))
-        axis = int(_attr(concat, "axis", 0))
-        layers = []
-        for value in concat.input:
-            layer = self.layer(self.index.producer.get(value), allow_add=False)
-            if layer.node.op_type not in ("Conv", "ConvTranspose"):
-                raise FoldRefused(f"{_label(layer.node)} feeds the Concat; only Conv/ConvTranspose inputs fold")
-            if list(concat.input).count(value) != 1:
-                raise FoldRefused(f"{_label(layer.node)} feeds the Concat twice")
-            self.only_reader(value, concat, _label(layer.node))
-            layers.append(layer)
-        rank = layers[0].out_rank
-        if axis < 0:
-            axis += rank
-        if axis != 1:
-            raise FoldRefused(f"the Concat joins axis {axis}, not the channel axis 1")
-        staged, start = [], 0
-        for layer in layers:
-            stop = start + output_channels(layer.weight, layer.layout, layer.groups)
-            if stop > affine.channels:
-                raise FoldRefused("the Concat has more channels than BN")
-            staged.append((layer, *self.fold_into(layer, affine.slice(start, stop), notes)))
-            start = stop
-        if start != affine.channels:
-            raise FoldRefused(f"the Concat has {start} channels but BN has {affine.channels}")
-        return self.replace_with_producers(bn, concat, staged, notes)
+    def sites(self) -> list[BNSite]:
+        """Every standard BatchNormalization node."""
+        found = []
+        for node in self.index.graph.node:
+            if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+                continue
+            try:
+                affine: Affine | FoldRefused = self.bn_affine(node)
+            except FoldRefused as refused:
+                affine = refused
+            found.append(BNSite([node], LayerEntry(_node_id(node), "BatchNormalization"), affine, ANY_RANK - {1}))
+        return found
 
-    def sum_producers(self, bn: onnx.NodeProto, add: onnx.NodeProto, affine: Affine, notes: list[str]) -> list[str]:
-        """BN(a + b) = s*a + (s*b + t): scale both layers, give the first one the shift."""
-        x = bn.input[0]
-        self.only_reader(x, bn, _label(add))
-        if len(add.input) != 2 or add.input[0] == add.input[1]:
-            raise FoldRefused(f"{_label(add)} does not add two different tensors")
-        scale_only = Affine(affine.scale, np.zeros_like(affine.shift))
-        staged = []
-        for value, part in zip(add.input, (affine, scale_only), strict=True):
-            layer = self.layer(self.index.producer.get(value), allow_add=False)
-            if any(layer.node is other.node for other, _, _ in staged):
-                raise FoldRefused(f"{_label(layer.node)} feeds {_label(add)} twice")
-            self.only_reader(value, add, _label(layer.node))
-            self.check_channel_axis(layer)
-            rank = self.index.ranks.get(value)
-            if rank is not None and layer.out_rank is not None and rank != layer.out_rank:
-                raise FoldRefused(f"{_label(layer.node)} has an unexpected output rank")
-            staged.append((layer, *self.fold_into(layer, part, notes)))
-        ranks = {layer.out_rank for layer, _, _ in staged} | {self.index.ranks.get(v) for v in add.input}
-        if len(ranks - {None}) != 1 or any(layer.out_rank is None for layer, _, _ in staged):
-            raise FoldRefused(f"{_label(add)} adds tensors of different or unknown ranks (channels may not align)")
-        return self.replace_with_producers(bn, add, staged, notes)
+    def bn_input(self, node: onnx.NodeProto) -> str:
+        """BN's X."""
+        return node.input[0]
 
-    def replace_with_producers(
-        self, bn: onnx.NodeProto, joint: onnx.NodeProto, staged: list[tuple], notes: list[str]
-    ) -> list[str]:
-        """Write each producer's folded weights; the Concat/Add then writes what BN wrote."""
-        targets = [_node_id(layer.node) for layer, _, _ in staged]
-        for layer, weight, bias in staged:
-            self.write_weight(layer, weight, notes)
-            self.write_bias(layer, bias)
-        self.remove(bn)
-        self.index.set_output(joint, 0, bn.output[0])
-        return targets
+    def bn_output(self, node: onnx.NodeProto) -> str:
+        """BN's Y."""
+        return node.output[0]
 
-    def following(self, bn: onnx.NodeProto, affine: Affine, notes: list[str]) -> list[str]:
-        """Fold BN into the single layer that reads its output."""
-        y = bn.output[0]
-        readers = self.index.readers(y)
-        if len(readers) != 1 or readers[0] is None:
-            raise FoldRefused(f"its output is read by {len(readers)} consumers" if readers else "its output is unused")
-        reader, through = readers[0], None
-        if self.flattens_channels(reader, y):
-            through = reader  # (N, C, ...) -> (N, C * ...): each channel's values stay one contiguous run
-            after = self.index.readers(reader.output[0])
-            if len(after) != 1 or after[0] is None:
-                raise FoldRefused(f"the output of {_label(reader)} is read by {len(after)} consumers")
-            reader = after[0]
-        layer = self.layer(reader, allow_add=False)
-        node = layer.node
-        data = through.output[0] if through is not None else y
-        if node.input[0] != data or list(node.input).count(data) != 1:
-            raise FoldRefused(f"{_label(node)} reads BN's output as more than its data input")
+    def producer(self, value: str) -> onnx.NodeProto | None:
+        """The node writing ``value``."""
+        return self.index.producer.get(value)
+
+    def readers(self, value: str) -> list[onnx.NodeProto | None]:
+        """Readers of the value's data once per read; a graph output is None.
+
+        Shape and Size read only metadata, which no fold changes, so they are not counted.
+        """
+        return [r for r in self.index.readers(value) if r is None or r.op_type not in _METADATA_READERS]
+
+    def rank(self, value: str) -> int | None:
+        """From shape inference."""
+        return self.index.ranks.get(value)
+
+    def label(self, node: onnx.NodeProto | None) -> str:
+        """``OpType 'name'``."""
+        return _label(node)
+
+    def op(self, node: onnx.NodeProto) -> Op:
+        """Classify a node."""
+        kind, label, op_type = OpKind.OTHER, _label(node), node.op_type
+        inputs, axis = [i for i in node.input if i], None
+        if node.domain not in ("", "ai.onnx"):
+            pass
+        elif op_type == "BatchNormalization":
+            kind, inputs = OpKind.BATCH_NORM, inputs[:1]
+        elif op_type in _LINEAR:
+            kind, inputs = OpKind.LAYER, inputs[:1]
+        elif op_type in ("Add", "Sum") and all(self.index.constant(i) is None for i in inputs):
+            kind = OpKind.SUM
+        elif op_type == "Add" and len(inputs) == 2:
+            producers = [self.index.producer.get(i) for i in inputs]
+            if any(p is not None and p.op_type == "MatMul" for p in producers):
+                kind = OpKind.LAYER
+        elif op_type == "Concat":
+            kind, axis = OpKind.CONCAT, int(_attr(node, "axis", 0))
+        elif self.flattens_channels(node, node.input[0] if node.input else ""):
+            kind, inputs = OpKind.FLATTEN, inputs[:1]
+        elif self._max_pool(node):
+            kind, inputs = OpKind.MAX_POOL, inputs[:1]
+        elif self._average_pool(node):
+            kind, inputs = OpKind.AVG_POOL, inputs[:1]
+        return Op(node, kind, inputs, node.output[0] if node.output else "", label, axis=axis)
+
+    def _max_pool(self, node: onnx.NodeProto) -> bool:
+        if node.op_type == "GlobalMaxPool":
+            return True
+        return node.op_type == "MaxPool" and not any(o and self.index.readers(o) for o in node.output[1:])
+
+    def _average_pool(self, node: onnx.NodeProto) -> bool:
+        """An average over real values only: no padded zeros counted."""
+        if node.op_type == "GlobalAveragePool":
+            return True
+        if node.op_type == "ReduceMean":
+            rank = self.index.ranks.get(node.input[0])
+            axes = _attr(node, "axes")
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                value = self.index.constant(node.input[1])
+                axes = None if value is None else [int(a) for a in np.ravel(value)]
+            return rank is not None and bool(axes) and all(a % rank >= 2 for a in axes)
+        if node.op_type != "AveragePool":
+            return False
+        if not _attr(node, "count_include_pad", 0):
+            return True
+        auto_pad = _attr(node, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        return auto_pad in ("NOTSET", "VALID") and not any(_attr(node, "pads", []) or [])
+
+    def scale_output(self, layer: Layer, affine: Affine, *, final_output: str | None = None) -> Staged:
+        """Rounded results; a large Conv no later BN can reach is folded a block at a time."""
+        state: _Layer = layer.state
+        self.check_matmul_axis(state)
+        exact_needed = True if final_output is None else self.may_fold_again(state, final_output)
+        notes: list[str] = []
+        weight, bias = self.fold_into(state, affine, notes, exact_needed=exact_needed)
+        return Staged(layer, weight, bias, notes, extra=("output", exact_needed))
+
+    def scale_input(self, layer: Layer, affine: Affine) -> Staged:
+        """Rounded results of folding into the layer's input channels (Gemm alpha and beta kept)."""
+        state: _Layer = layer.state
+        node = state.node
         if node.op_type == "Gemm" and _attr(node, "transA", 0):
             raise FoldRefused(f"{_label(node)} transposes its input (transA=1), so it reads BN channels as rows")
-        if through is not None:
-            if node.op_type not in ("Gemm", "MatMul"):
-                raise FoldRefused(f"{_label(node)} after {_label(through)} is not a Gemm or MatMul")
-            features = input_channels(layer.weight, layer.layout, layer.groups)
-            if features % affine.channels:
-                raise FoldRefused(f"{_label(node)} reads {features} features, not a multiple of BN's channels")
-            affine = affine.repeat(features // affine.channels)
-            notes.append(f"through {_label(through)}")
-        elif node.op_type == "MatMul" and self.index.ranks.get(y) != 2:
-            rank = self.index.ranks.get(y)
-            raise FoldRefused(
-                f"BN's output is {rank}-D, so {_label(node)} does not read its channels"
-                if rank
-                else f"the rank of BN's output is unknown, so the channel axis {_label(node)} reads is unproven"
-            )
-        self.check_weight_dtype_matches(layer)
-        w = layer.weight64 if layer.weight64 is not None else layer.weight
-        padded = node.op_type == "Conv" and self.zero_padded(node, layer.weight)
+        w = state.weight64 if state.weight64 is not None else state.weight
         if node.op_type in ("Gemm", "MatMul"):
-            weight, contribution = scale_input_channels(w, None, affine, layer.layout)
+            weight, contribution = scale_input_channels(w, None, affine, state.layout)
             alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
             beta = float(_attr(node, "beta", 1.0))
-            base = layer.bias64 * beta if layer.bias is not None else np.zeros((), dtype=np.float64)
+            base = state.bias64 * beta if state.bias is not None else np.zeros((), dtype=np.float64)
             bias = base + alpha * contribution
         else:
-            b = layer.bias64 if layer.bias is not None else None
-            weight, bias = scale_input_channels(w, b, affine, layer.layout, layer.groups, padded=padded)
-        weight, bias = self.round(weight, layer), self.round(bias, layer)
-        target = _node_id(node)
-        self.write_weight(layer, weight, notes)
-        if layer.bias is not None or bias.any():
-            self.write_bias(layer, bias)
-        self.remove(bn)
-        self.index.set_input(through if through is not None else node, 0, bn.input[0])
-        return [target]
+            b = state.bias64 if state.bias is not None else None
+            weight, bias = scale_input_channels(w, b, affine, state.layout, state.groups, padded=layer.zero_padded)
+        return Staged(layer, self.round(weight, state), self.round(bias, state), [], extra=("input", None))
+
+    def commit(self, staged: Sequence[Staged]) -> None:
+        """Write each folded weight and bias as new initializers."""
+        for item in staged:
+            state: _Layer = item.layer.state
+            side, keep_exact = item.extra
+            self.write_weight(state, item.weight, item.notes, keep_exact=keep_exact)
+            if side == "output" or state.bias is not None or item.bias.any():
+                self.write_bias(state, item.bias)
+
+    def remove_bn(self, site: BNSite, node: onnx.NodeProto) -> None:
+        """Drop BN: its producer writes BN's output name, or its readers read BN's input."""
+        x, y = node.input[0], node.output[0]
+        producer = self.index.producer.get(x)
+        self.remove(node)
+        if producer is not None and not self.index.readers(x):
+            self.index.set_output(producer, list(producer.output).index(x), y)
+            return
+        for reader in self.index.readers(y):
+            if reader is None:
+                raise RuntimeError(f"BN output '{y}' is a graph output that no node writes after the fold")
+            for position, name in enumerate(reader.input):
+                if name == y:
+                    self.index.set_input(reader, position, x)
+
+    def settle(self) -> None:
+        """Drop results of refused attempts."""
+        self._rounded.clear()
 
     def flattens_channels(self, node: onnx.NodeProto | None, value: str) -> bool:
         """Whether ``node`` turns ``value`` (N, C, ...) into (N, C * ...): Flatten(axis=1), or a Reshape to that."""
@@ -501,8 +530,10 @@ class GraphPass:
         if node.op_type != "Reshape" or len(node.input) != 2 or node.input[0] != value:
             return False
         target = self.index.constant(node.input[1])
+        if target is None:
+            return self._batch_size_then_rest(node.input[1], value)
         shape = self.index.shapes.get(value)
-        if target is None or shape is None or target.ndim != 1 or len(target) != 2 or len(shape) < 2:
+        if shape is None or target.ndim != 1 or len(target) != 2 or len(shape) < 2:
             return False
         batch, rest = int(target[0]), int(target[1])
         features = int(np.prod(shape[1:])) if all(d is not None for d in shape[1:]) else None
@@ -514,6 +545,48 @@ class GraphPass:
             or (shape[0] is not None and batch == shape[0])
         )
         return keeps_batch and (rest == -1 and batch != -1 or (features is not None and rest == features))
+
+    def _batch_size_then_rest(self, shape: str, data: str) -> bool:
+        """Whether ``shape`` is ``[N, -1]`` computed from ``data``'s own batch size (``x.view(x.size(0), -1)``).
+
+        The exporters write it as ``Concat(Unsqueeze(Gather(Shape(x), 0)), [-1])``: a dynamic
+        batch size, so the shape is not a constant, yet it always flattens channels.
+        """
+        concat = self._standard(shape, "Concat")
+        if concat is None or _attr(concat, "axis", 0) != 0 or len(concat.input) != 2:
+            return False
+        rest = self.index.constant(concat.input[1])
+        if rest is None or [int(v) for v in np.ravel(rest)] != [-1]:
+            return False
+        batch = concat.input[0]
+        unsqueeze = self._standard(batch, "Unsqueeze")
+        if unsqueeze is not None:
+            axes = _attr(unsqueeze, "axes")
+            if axes is None and len(unsqueeze.input) > 1:
+                value = self.index.constant(unsqueeze.input[1])
+                axes = None if value is None else [int(a) for a in np.ravel(value)]
+            if axes != [0]:
+                return False
+            batch = unsqueeze.input[0]
+        gather = self._standard(batch, "Gather")
+        if gather is None or _attr(gather, "axis", 0) != 0:
+            return False
+        index = self.index.constant(gather.input[1])
+        size = self._standard(gather.input[0], "Shape")
+        if index is None or index.size != 1 or int(np.ravel(index)[0]) != 0 or size is None:
+            return False
+        if _attr(size, "start", 0) != 0 or self.index.ranks.get(data, 2) < 2:
+            return False
+        source, before = size.input[0], self.index.producer.get(data)
+        same_shape = before is not None and before.op_type in ("BatchNormalization", "Identity")
+        return source == data or (same_shape and before.input[0] == source)
+
+    def _standard(self, value: str, op_type: str) -> onnx.NodeProto | None:
+        """The standard ``op_type`` node writing ``value``, if that is what writes it."""
+        node = self.index.producer.get(value)
+        if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+            return None
+        return node
 
     @staticmethod
     def zero_padded(node: onnx.NodeProto, weight: np.ndarray) -> bool:
@@ -567,9 +640,10 @@ class GraphPass:
             if node.op_type == "Add" and producer.op_type == "MatMul":
                 return False  # MatMul + bias Add is already the folded form
             try:
-                layer = self.layer(producer, allow_add=False)
-                self.only_reader(value, node, _label(producer))
-                self.check_channel_axis(layer)
+                layer = self._onnx_layer(producer, allow_add=False)
+                if self.index.readers(value) != [node]:
+                    raise FoldRefused("the layer's output is read elsewhere too")
+                self.check_matmul_axis(layer)
                 if const.dtype != layer.weight.dtype:
                     raise FoldRefused("constant and weight dtypes differ")
                 affine = self.decomposed_affine(node, layer, 1 - const_index, const)
@@ -582,7 +656,7 @@ class GraphPass:
             self.index.set_output(layer.node, 0, node.output[0])
             self.write_weight(layer, weight, notes)
             self.write_bias(layer, bias)
-            self.entries.append(
+            self.decomposed.append(
                 LayerEntry(
                     name,
                     f"{node.op_type} (decomposed BN)",
@@ -594,47 +668,11 @@ class GraphPass:
             return True
         return False
 
-    # -- driver --------------------------------------------------------------------------
-
-    def try_fold(self, bn: onnx.NodeProto, entry: LayerEntry) -> bool:
-        """Check one BN and fold it in the first direction that is not refused."""
-        try:
-            affine = self.bn_affine(bn)
-        except FoldRefused as refused:
-            entry.reason = str(refused)
-            return False
-        producer = self.index.producer.get(bn.input[0])
-        op = producer.op_type if producer is not None and producer.domain in ("", "ai.onnx") else None
-        sum_of_tensors = op == "Add" and all(self.index.constant(i) is None for i in producer.input)
-        if op == "Concat":
-            before, action = (lambda notes: self.producers(bn, producer, affine, notes)), FOLDED_INTO_PRODUCERS
-        elif sum_of_tensors:
-            before, action = (lambda notes: self.sum_producers(bn, producer, affine, notes)), FOLDED_INTO_PRODUCERS
-        else:
-            before, action = (lambda notes: self.preceding(bn, affine, notes)), FOLDED_INTO_PRECEDING
-        attempts = [
-            ("before", action, before),
-            ("after", FOLDED_INTO_FOLLOWING, lambda notes: self.following(bn, affine, notes)),
-        ]
-        return first_fold(entry, attempts)
-
-    def run(self) -> None:
-        """Fold every BN of the graph, and decomposed BN, until nothing changes."""
-        sites = [
-            (node, LayerEntry(_node_id(node), "BatchNormalization"))
-            for node in self.index.graph.node
-            if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
-        ]
-        changed = True
-        while changed:
-            changed = False
-            for bn, entry in sites:
-                if entry.action == KEPT and self.try_fold(bn, entry):
-                    changed = True
-                self._rounded.clear()  # results of refused attempts
-            for node in list(self.index.nodes()):
-                if node.op_type in _DECOMPOSED and self.fold_decomposed(node):
-                    changed = True
-                self._rounded.clear()
-        self.index.compact()
-        self.entries.extend(entry for _, entry in sites)
+    def fold_decomposed_all(self) -> bool:
+        """One round over every Mul/Add/Sub/Div: whether any folded."""
+        changed = False
+        for node in list(self.index.nodes()):
+            if node.op_type in _DECOMPOSED and self.fold_decomposed(node):
+                changed = True
+            self._rounded.clear()
+        return changed

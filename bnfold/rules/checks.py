@@ -1,0 +1,101 @@
+"""The checks several rules share: sole reader, channel axis, and moving a BN through a pool."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bnfold.affine import Affine, FoldRefused
+from bnfold.rules.view import BNSite, GraphView, Layer, Node, Op, OpKind, Value
+
+__all__ = ["check_channel_axis", "only_reader", "pool_notes", "pools_after", "pools_before", "reached_before"]
+
+
+def only_reader(view: GraphView, value: Value, reader: Node, who: str) -> None:
+    """Refuse unless ``reader`` reads ``value`` exactly once and nothing else reads it (graph outputs count)."""
+    readers = view.readers(value)
+    if readers != [reader]:
+        other = next((r for r in readers if r is not reader), reader)
+        raise FoldRefused(f"the output of {who} is also read by {view.label(other)}")
+
+
+def check_channel_axis(view: GraphView, site: BNSite, layer: Layer, value: Value) -> None:
+    """Refuse unless ``layer``'s channels sit on axis 1 of ``value``, the axis BN normalises."""
+    rank = view.rank(value)
+    if rank is not None and rank not in site.ranks:
+        raise FoldRefused(f"BN receives a {rank}-D tensor, which {site.entry.kind} does not accept")
+    candidates = {rank} if rank is not None else layer.ranks & site.ranks
+    if not candidates:
+        raise FoldRefused(f"no tensor rank suits both {site.entry.kind} and {layer.label}")
+    wrong = sorted(r for r in candidates if layer.channel_axis(r) != 1)
+    if not wrong:
+        return
+    if rank is not None:
+        raise FoldRefused(
+            f"{layer.label} has its channels on axis {layer.channel_axis(rank)} of the {rank}-D tensor "
+            "but BN normalises axis 1"
+        )
+    raise FoldRefused(
+        f"without tensor shapes the channel axes of {layer.label} and BN may differ (a {wrong[0]}-D tensor): "
+        f"{view.shape_hint}"
+    )
+
+
+def _commutes(op: Op, affine: Affine) -> None:
+    if op.kind is OpKind.MAX_POOL and not bool(np.all(affine.scale > 0)):
+        raise FoldRefused(f"a BN scale is not positive, so BN does not commute with {op.label}")
+
+
+def pools_before(view: GraphView, value: Value, reader: Node, affine: Affine) -> tuple[Value, Node, list[Op]]:
+    """Walk back from ``value`` (read by ``reader``) through pools BN commutes with.
+
+    ``BN(pool(x)) == pool(BN(x))`` for an average pool over real values only, and for
+    a max pool when every scale is positive; so BN may fold into the layer before a pool.
+
+    Returns:
+        The value before the pools, its reader, and the pools passed (nearest first).
+    """
+    pools: list[Op] = []
+    while (producer := view.producer(value)) is not None:
+        op = view.op(producer)
+        if op.kind not in (OpKind.MAX_POOL, OpKind.AVG_POOL):
+            break
+        _commutes(op, affine)
+        only_reader(view, value, reader, op.label)
+        pools.append(op)
+        value, reader = op.inputs[0], producer
+    return value, reader, pools
+
+
+def pools_after(view: GraphView, value: Value, affine: Affine) -> tuple[Value, list[Op]]:
+    """Walk forward from ``value`` through pools BN commutes with, each its value's only reader.
+
+    Returns:
+        The value after the pools and the pools passed.
+    """
+    pools: list[Op] = []
+    while True:
+        readers = view.readers(value)
+        if len(readers) != 1 or readers[0] is None:
+            return value, pools
+        op = view.op(readers[0])
+        if op.kind not in (OpKind.MAX_POOL, OpKind.AVG_POOL) or list(op.inputs) != [value]:
+            return value, pools
+        _commutes(op, affine)
+        pools.append(op)
+        value = op.output
+
+
+def reached_before(view: GraphView, node: Node) -> Op | None:
+    """The op writing a BN node's input, looking through pools (no checks: for matching)."""
+    value = view.bn_input(node)
+    while (producer := view.producer(value)) is not None:
+        op = view.op(producer)
+        if op.kind not in (OpKind.MAX_POOL, OpKind.AVG_POOL):
+            return op
+        value = op.inputs[0]
+    return None
+
+
+def pool_notes(pools: list[Op]) -> list[str]:
+    """The report's notes for the pools a BN was moved through."""
+    return [f"through {op.label}" for op in pools]
