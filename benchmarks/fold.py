@@ -20,7 +20,7 @@ from torch.fx.experimental.optimization import fuse
 
 import bnfold
 from bnfold import zoo
-from bnfold.compare import fold_error
+from bnfold.deploy.error_stats import fold_error
 
 
 def _bn_left(model: nn.Module) -> int:

@@ -18,8 +18,8 @@ import torch
 
 import bnfold
 from bnfold import zoo
-from bnfold.bench import benchmark, compare
-from bnfold.export import export_keeping_bn
+from bnfold.deploy.bench import benchmark, compare
+from bnfold.deploy.export import export_keeping_bn
 
 warnings.filterwarnings("ignore")
 

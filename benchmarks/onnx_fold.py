@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from bnfold import zoo
-from bnfold.export import export_keeping_bn
-from bnfold.onnx_eval import run_ort
+from bnfold.deploy.export import export_keeping_bn
+from bnfold.deploy.onnx_reference import run_ort
 from bnfold.onnx_fold import fold_onnx
 
 warnings.filterwarnings("ignore")

@@ -37,8 +37,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bnfold  # noqa: E402
-from bnfold.compare import fold_error  # noqa: E402
-from bnfold.export import export_keeping_bn  # noqa: E402
+from bnfold.deploy.error_stats import fold_error  # noqa: E402
+from bnfold.deploy.export import export_keeping_bn  # noqa: E402
 from bnfold.report import reason_class  # noqa: E402
 from bnfold.zoo import randomize_batchnorm  # noqa: E402
 
@@ -77,14 +77,14 @@ def build(spec: str) -> nn.Module:
 
 def bn_count(model: nn.Module) -> int:
     """BN modules, timm norm-act and frozen ones included."""
-    from bnfold.torch_fold.kinds import bn_module
+    from bnfold.torch_fold.recognise import bn_module
 
     return sum(1 for m in model.modules() if not isinstance(m, nn.Identity) and bn_module(m) is not None)
 
 
 def fx_bn_count(graph_module: torch.fx.GraphModule) -> int:
     """BN left in an fx graph: calls of BN modules plus batch_norm functions (traced norm-act modules)."""
-    from bnfold.torch_fold.kinds import bn_module
+    from bnfold.torch_fold.recognise import bn_module
 
     functions = (torch.nn.functional.batch_norm, torch.batch_norm)
     modules = [n for n in graph_module.graph.nodes if n.op == "call_module"]
@@ -142,7 +142,7 @@ def _dynamo(model: nn.Module, x: torch.Tensor) -> int:
 def _onnx_error(model: nn.Module, proto, x: torch.Tensor) -> float:  # noqa: ANN001
     import numpy as np
 
-    from bnfold.runtimes import run_onnx, run_torch64
+    from bnfold.deploy.runtimes import run_onnx, run_torch64
 
     truth = run_torch64(model, [x.numpy()])[0]
     got = run_onnx(proto, [x.numpy()], "ort-cpu")[0]

@@ -225,7 +225,7 @@ def resnet50_case(tools: list[str], folder: Path, timeout: float) -> list[dict]:
     sys.path.insert(0, str(Path(__file__).parent))
     from onnx_fold import resnet50
 
-    from bnfold.export import export_keeping_bn
+    from bnfold.deploy.export import export_keeping_bn
 
     case = folder / "resnet50"
     shutil.rmtree(case, ignore_errors=True)

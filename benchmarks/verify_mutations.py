@@ -3,7 +3,7 @@
 Usage: python benchmarks/verify_mutations.py [--per-kind 12] [--json benchmarks/verify_mutations.json]
 
 For each zoo model (random BN statistics, folded by bnfold): changes of each kind in
-bnfold.mutations.REAL_KINDS, in random layers, with relative sizes drawn log-uniformly
+bnfold.deploy.mutations.REAL_KINDS, in random layers, with relative sizes drawn log-uniformly
 from 1e-5 to 1e-1, plus rounding-level changes (every weight of a layer moved by one ulp).
 A change is "real" when its exact (float64) effect exceeds verify's bound by 2x somewhere
 on verify's inputs; those must be MISMATCH, rounding-level ones PASS. "smallest caught" is
@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bnfold  # noqa: E402
 from bnfold import zoo  # noqa: E402
-from bnfold.mutations import REAL_KINDS, effect, plant, plant_rounding  # noqa: E402
-from bnfold.verify import verify  # noqa: E402
+from bnfold.deploy.mutations import REAL_KINDS, effect, plant, plant_rounding  # noqa: E402
+from bnfold.deploy.verify import verify  # noqa: E402
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Usage: .venv/bin/python benchmarks/zoo_latency.py [--iterations 1000] [--rounds 
 The original runs with every BN: in torch as built, in ONNX Runtime from an export that keeps each BN
 (TrainingMode.PRESERVE). The folded model is bnfold's fold, exported with the same
 (TorchScript) exporter at a fixed batch, so the two graphs differ only by the BNs. Both run in interleaved rounds
-(bnfold.ab.compare_models, the machinery of `bnfold bench A B`): p50 in ms, the speed-up and its bootstrap
+(bnfold.deploy.ab.compare_models, the machinery of `bnfold bench A B`): p50 in ms, the speed-up and its bootstrap
 95% interval; a row whose interval does not clear +-3% reads "no significant difference".
 """
 
@@ -18,8 +18,8 @@ import torch
 
 import bnfold
 from bnfold import zoo
-from bnfold.ab import compare_models, default_threads
-from bnfold.export import export_keeping_bn
+from bnfold.deploy.ab import compare_models, default_threads
+from bnfold.deploy.export import export_keeping_bn
 
 warnings.filterwarnings("ignore")
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-# a submodule of the same name would shadow a lazy function once imported: bound now (it imports no torch)
-from bnfold.verify import verify
-
 if TYPE_CHECKING:
-    from bnfold.bench import benchmark
+    from bnfold.deploy.bench import benchmark
+    from bnfold.deploy.export import export_onnx
+    from bnfold.deploy.verify import verify
     from bnfold.errors import BnfoldError
-    from bnfold.export import export_onnx
-    from bnfold.loading import load
+    from bnfold.model_io.loading import load
     from bnfold.onnx_fold import fold_onnx
     from bnfold.report import FoldReport, LayerEntry
     from bnfold.torch_fold import fold
@@ -26,12 +24,13 @@ _WHERE = {
     "BnfoldError": "bnfold.errors",
     "FoldReport": "bnfold.report",
     "LayerEntry": "bnfold.report",
-    "benchmark": "bnfold.bench",
-    "export_onnx": "bnfold.export",
+    "benchmark": "bnfold.deploy.bench",
+    "export_onnx": "bnfold.deploy.export",
     "fold": "bnfold.torch_fold",
     "fold_onnx": "bnfold.onnx_fold",
-    "load": "bnfold.loading",
+    "load": "bnfold.model_io.loading",
     "population_statistics": "bnfold.training",
+    "verify": "bnfold.deploy.verify",
 }
 
 __all__ = [

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from bnfold.errors import BnfoldError, first_line
-from bnfold.io import atomic_write, check_output, check_outputs
+from bnfold.model_io.outputs import atomic_write, check_output, check_outputs
 
 __all__ = ["main"]
 
@@ -233,7 +233,7 @@ def fold(
 
         warnings.simplefilter("ignore")
     check_outputs({"-o": output, "--report": report_path}, force=force, inputs=[model_path])
-    from bnfold.runtimes import check_available
+    from bnfold.deploy.runtimes import check_available
 
     for runtime in runtimes:
         check_available(runtime)
@@ -365,8 +365,8 @@ def verify_command(
     Exit status: 0 match; 1 mismatch; 2 bad input, usage or environment;
     3 internal error (a bug).
     """
-    from bnfold.loading import load_detailed
-    from bnfold.verify import verify
+    from bnfold.deploy.verify import verify
+    from bnfold.model_io.loading import load_detailed
 
     kwargs = _arch_kwargs(arch_kwargs)
     ref = load_detailed(reference, arch, kwargs, unsafe_pickle=unsafe_pickle, trust_arch=trust_arch)
@@ -393,7 +393,7 @@ def _read_inputs(path: str | None) -> list | None:
     import numpy as np
 
     if path.endswith(".npz") and Path(path).is_file():
-        from bnfold.formats import check_npz
+        from bnfold.model_io.formats import check_npz
 
         check_npz(Path(path))
     try:
@@ -456,8 +456,8 @@ def bench_command(
     Exit status: 0 done; 2 bad input, usage or environment (a runtime that is not
     installed included); 3 internal error (a bug).
     """
-    from bnfold.bench import benchmark
-    from bnfold.loading import load_detailed
+    from bnfold.deploy.bench import benchmark
+    from bnfold.model_io.loading import load_detailed
 
     if len(models) > 2:
         raise BnfoldError("bench takes one model, or an original and a folded model")
@@ -502,9 +502,9 @@ def _bench_pair(
     threads: int | None,
     chart: str | None,
 ) -> tuple[str, dict[str, Any]]:
-    """Original vs folded, interleaved, with intervals (:mod:`bnfold.ab`); the chart from its rows."""
-    from bnfold.ab import compare_models
-    from bnfold.bench import _chart
+    """Original vs folded, interleaved, with intervals (:mod:`bnfold.deploy.ab`); the chart from its rows."""
+    from bnfold.deploy.ab import compare_models
+    from bnfold.deploy.bench import _chart
 
     result = compare_models(
         original,
@@ -689,7 +689,7 @@ def stats_command(
     import os
 
     from bnfold.lazy import is_module, is_script_module
-    from bnfold.loading import load_detailed
+    from bnfold.model_io.loading import load_detailed
     from bnfold.training.sources import ImageOptions
     from bnfold.training.stats import recompute_statistics
     from bnfold.training.trainer import _distributed
@@ -755,7 +755,7 @@ def _write_stats_checkpoint(out: Path, loaded: Any, result: Any, shape: tuple[in
     """A trainer-format checkpoint when the architecture is known (folds without --arch), else a state_dict."""
     import torch
 
-    from bnfold.checkpoint import trained_checkpoint
+    from bnfold.model_io.checkpoint import trained_checkpoint
 
     if loaded.arch and shape is not None:
         payload = trained_checkpoint(loaded.model, loaded.arch, loaded.arch_kwargs, shape, statistics=result.to_dict())

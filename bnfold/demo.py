@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from bnfold import zoo
-from bnfold.compare import fold_error
+from bnfold.deploy.error_stats import fold_error
 from bnfold.errors import BnfoldError
 from bnfold.torch_fold import fold
 
@@ -76,13 +76,13 @@ def run_trained_demo(checkpoint: str | None) -> DemoResult:
 
     import torch
 
-    from bnfold.export import export_onnx
-    from bnfold.loading import load_detailed
+    from bnfold.deploy.export import export_onnx
+    from bnfold.deploy.runtimes import run_onnx
+    from bnfold.deploy.verify import verify
+    from bnfold.model_io.loading import load_detailed
     from bnfold.onnx_fold import load_onnx
-    from bnfold.runtimes import run_onnx
     from bnfold.training.data import load_dataset
     from bnfold.training.trainer import TrainConfig, train
-    from bnfold.verify import verify
 
     if checkpoint:
         loaded = load_detailed(checkpoint)

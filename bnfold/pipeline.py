@@ -13,18 +13,20 @@ import numpy as np
 import onnx
 
 from bnfold.affine import float64
+from bnfold.deploy.verify import VerifyResult, verify
 from bnfold.errors import BnfoldError, first_line
-from bnfold.io import atomic_write
 from bnfold.lazy import is_script_module, is_tensor
-from bnfold.loading import Loaded, load_detailed
+from bnfold.model_io.loading import Loaded, load_detailed
+from bnfold.model_io.outputs import atomic_write
 from bnfold.onnx_fold import fold_onnx, save_onnx
 from bnfold.onnx_fold.files import uses_external_data
 from bnfold.report import FoldReport
-from bnfold.verify import verify
 
 if TYPE_CHECKING:  # the torch half is imported only for torch models: ONNX jobs never load torch
     import torch
     from torch import nn
+
+    from bnfold.deploy.ab import ABResult
 
 __all__ = ["OUTPUT_SUFFIXES", "PipelineResult", "run_pipeline", "summary_text"]
 
@@ -33,33 +35,51 @@ OUTPUT_SUFFIXES = (".onnx", ".pt", ".pth", ".pt2", ".safetensors")
 
 @dataclasses.dataclass
 class PipelineResult:
-    """Everything one ``bnfold fold`` run did."""
+    """Everything one ``bnfold fold`` run did.
+
+    Attributes:
+        input_format: What the input file was.
+        report: The fold report.
+        onnx_report: The second sweep over an ONNX export, when there was one.
+        output: The file written, if any.
+        checks: Verification per result checked (``torch``: the folded module, ``onnx``: the ONNX file).
+        ab: Original vs folded latency, when benchmarked.
+        bn_left_in_output: BatchNormalization nodes in an ONNX output.
+        notes: Anything else a user should know.
+    """
 
     input_format: str
     report: FoldReport
     onnx_report: FoldReport | None = None
     output: str | None = None
-    verify: dict[str, Any] | None = None
-    bench: dict[str, Any] | None = None
+    checks: dict[str, VerifyResult] = dataclasses.field(default_factory=dict)
+    ab: ABResult | None = None
     bn_left_in_output: int | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         """False only when verification ran and failed."""
-        return self.verify is None or bool(self.verify["passed"])
+        return all(check.passed for check in self.checks.values())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary: the fold report's keys (``bn_total``, ``layers``, ...) plus what else ran."""
+        verify = {"passed": self.passed, **{k: c.to_dict() for k, c in self.checks.items()}} if self.checks else None
+        bench = None
+        if self.ab is not None:
+            bench = {
+                "ab": self.ab.to_dict(),
+                "compare": {"rows": [r.to_dict() for r in self.ab.rows], "text": str(self.ab)},
+            }
         return {
             **self.report.to_dict(),
             "input_format": self.input_format,
             "onnx_report": self.onnx_report.to_dict() if self.onnx_report else None,
             "output": self.output,
             "bn_left_in_output": self.bn_left_in_output,
-            "verify": self.verify,
-            "bench": self.bench,
-            "notes": self.report.notes + self.notes,
+            "verify": verify,
+            "bench": bench,
+            "notes": list(self.report.notes) + list(self.notes),
         }
 
 
@@ -131,7 +151,7 @@ def _check_output_kind(loaded: Loaded, out: Path) -> None:
 def _save_torch(output: Path, folded: nn.Module, report: FoldReport, loaded: Loaded, inputs: tuple | None) -> None:
     import torch
 
-    from bnfold.checkpoint import save_folded
+    from bnfold.model_io.checkpoint import save_folded
 
     suffix = output.suffix
     if suffix in (".pt", ".pth"):
@@ -194,7 +214,7 @@ def run_pipeline(
         do_bench: Time the original and the result.
         simplify: Run onnx-simplifier on an ONNX output (kept only if it verifies).
         bench_iterations: Timed calls per measurement (unless ``bench_options`` says).
-        verify_options: ``runtimes``, ``rtol``, ``atol``, ``inputs`` for :func:`bnfold.verify`
+        verify_options: ``runtimes``, ``rtol``, ``atol``, ``inputs`` for :func:`bnfold.deploy.verify`
             (runtimes that cannot run a model are left out for it).
         bench_options: ``runtimes``, ``batch_sizes``, ``warmup``, ``iterations`` for :func:`bnfold.benchmark`.
         stage: Called with a short message as each stage starts.
@@ -205,8 +225,15 @@ def run_pipeline(
     Raises:
         BnfoldError: Any user-fixable problem, before anything is written.
     """
-    check_opts = _verify_kwargs(verify_options)
-    time_opts = {"iterations": bench_iterations, "progress": False, **(bench_options or {})}
+    options = _Options(
+        _verify_kwargs(verify_options),
+        {"iterations": bench_iterations, "progress": False, **(bench_options or {})},
+        input_shapes,
+        do_verify,
+        do_bench,
+        simplify,
+        stage,
+    )
     out = Path(output) if output else None
     if out is not None and out.suffix not in OUTPUT_SUFFIXES:
         raise BnfoldError(
@@ -219,94 +246,134 @@ def run_pipeline(
     if not is_script_module(loaded.model):
         _check_statistics(loaded.model, str(path))
     if isinstance(loaded.model, onnx.ModelProto):
-        if out is not None and out.suffix != ".onnx":
-            raise BnfoldError(f"{out}: an ONNX input is written as .onnx")
-        stage("fold (ONNX pass)")
-        try:
-            input_external = uses_external_data(loaded.model)
-            # the original is needed again only to verify or benchmark against: otherwise fold it in place
-            folded_proto, report = fold_onnx(
-                loaded.model, allow_initializer_inputs=allow_initializer_inputs, copy=do_verify or do_bench
-            )
-        except BnfoldError as error:
-            raise BnfoldError(f"{path}: {error}") from None
-        result = PipelineResult(loaded.format, report)
-        if out is not None:
-            # an input that kept its weights as external data gets an output that does too
-            save_onnx(folded_proto, out, external_data=True if input_external else None)
-            result.output = str(out)
-            result.bn_left_in_output = _bn_nodes(folded_proto)
-        if do_verify:
-            stage("verify")
-            check = verify(loaded.model, folded_proto, input_shapes=input_shapes, **_for(check_opts, onnx=True))
-            check = check.to_dict()
-            result.verify = {"passed": check["passed"], "onnx": check}
-        if do_bench:
-            stage("bench")
-            shape = input_shapes[0] if input_shapes else None
-            result.bench = _bench_ab(loaded.model, folded_proto, shape, time_opts, onnx=True)
-        return result
-    from bnfold.export import export_keeping_bn, export_onnx
+        return _run_onnx(loaded, str(path), out, options, allow_initializer_inputs)
+    return _run_torch(loaded, str(path), out, options)
+
+
+@dataclasses.dataclass
+class _Options:
+    """What to do after the fold, shared by the ONNX and the PyTorch path."""
+
+    verify: dict[str, Any]
+    bench: dict[str, Any]
+    input_shapes: list[tuple[int, ...]] | None
+    do_verify: bool
+    do_bench: bool
+    simplify: bool
+    stage: Callable[[str], None]
+
+
+def _run_onnx(
+    loaded: Loaded, path: str, out: Path | None, options: _Options, allow_initializer_inputs: bool
+) -> PipelineResult:
+    """ONNX in, ONNX out: the ONNX pass, then verify and bench against the input model."""
+    if out is not None and out.suffix != ".onnx":
+        raise BnfoldError(f"{out}: an ONNX input is written as .onnx")
+    options.stage("fold (ONNX pass)")
+    try:
+        input_external = uses_external_data(loaded.model)
+        # the original is needed again only to verify or benchmark against: otherwise fold it in place
+        folded, report = fold_onnx(
+            loaded.model,
+            allow_initializer_inputs=allow_initializer_inputs,
+            copy=options.do_verify or options.do_bench,
+        )
+    except BnfoldError as error:
+        raise BnfoldError(f"{path}: {error}") from None
+    result = PipelineResult(loaded.format, report)
+    if out is not None:
+        # an input that kept its weights as external data gets an output that does too
+        save_onnx(folded, out, external_data=True if input_external else None)
+        result.output = str(out)
+        result.bn_left_in_output = _bn_nodes(folded)
+    if options.do_verify:
+        options.stage("verify")
+        kwargs = _for(options.verify, onnx=True)
+        result.checks["onnx"] = verify(loaded.model, folded, input_shapes=options.input_shapes, **kwargs)
+    if options.do_bench:
+        options.stage("bench")
+        shape = options.input_shapes[0] if options.input_shapes else None
+        result.ab = _bench_ab(loaded.model, folded, shape, options.bench, onnx=True)
+    return result
+
+
+def _run_torch(loaded: Loaded, path: str, out: Path | None, options: _Options) -> PipelineResult:
+    """A PyTorch model in: the PyTorch pass, the output written (export + ONNX sweep for .onnx), verify, bench."""
     from bnfold.torch_fold import fold as fold_torch
     from bnfold.torch_fold.torchscript import fold_torchscript
 
     model = loaded.model
-    inputs = _inputs(loaded, input_shapes)
+    inputs = _inputs(loaded, options.input_shapes)
     for flag, wanted in (
-        ("--verify", do_verify),
-        ("--bench", do_bench),
+        ("--verify", options.do_verify),
+        ("--bench", options.do_bench),
         (str(out), out and out.suffix in (".onnx", ".pt2")),
     ):
         if wanted and inputs is None:
             raise BnfoldError(f"{flag} needs an input shape (--input-shape 1,3,224,224); nothing was written")
-    _check_inputs(model, inputs, str(path))
-    stage("fold (PyTorch pass)")
-    if is_script_module(model):
-        folded, report = fold_torchscript(model)
-    else:
-        folded, report = fold_torch(model, inputs)
+    _check_inputs(model, inputs, path)
+    options.stage("fold (PyTorch pass)")
+    folded, report = fold_torchscript(model) if is_script_module(model) else fold_torch(model, inputs)
     result = PipelineResult(loaded.format, report)
-    exported: onnx.ModelProto | None = None
-    if out is not None and out.suffix == ".onnx":
-        if inputs is None:
-            raise BnfoldError(f"{out}: ONNX export needs an input shape (--input-shape)")
-        stage("export + ONNX sweep")
-        exported_result = export_onnx(folded, inputs, out, simplify=simplify)
-        result.onnx_report = exported_result.onnx_report
-        result.notes += [
-            f"exported with the {exported_result.exporter} exporter, opset {exported_result.opset}",
-            *exported_result.notes,
-        ]
-        exported = onnx.load(str(out))
-        result.output = str(out)
-        result.bn_left_in_output = _bn_nodes(exported)
-    elif out is not None:
-        stage("write")
-        _save_torch(out, folded, report, loaded, inputs)
-        result.output = str(out)
-    if do_verify:
-        stage("verify")
-        if inputs is None:
-            raise BnfoldError("--verify needs an input shape (--input-shape)")
+    exported = _write_torch_result(result, out, folded, loaded, inputs, options) if out is not None else None
+    if options.do_verify:
+        options.stage("verify")
         shapes = [tuple(x.shape) for x in inputs]
-        checks = {"torch": verify(model, folded, input_shapes=shapes, **_for(check_opts, onnx=False)).to_dict()}
+        result.checks["torch"] = verify(model, folded, input_shapes=shapes, **_for(options.verify, onnx=False))
         if exported is not None:
-            checks["onnx"] = verify(model, exported, input_shapes=shapes, **_for(check_opts, onnx=True)).to_dict()
-        result.verify = {"passed": all(c["passed"] for c in checks.values()), **checks}
-    if do_bench:
-        stage("bench")
-        if inputs is None:
-            raise BnfoldError("--bench needs an input shape (--input-shape)")
-        shape = tuple(inputs[0].shape)
-        if loaded.format == "torch-export" and not time_opts.get("batch_sizes"):
-            time_opts["batch_sizes"] = (shape[0],)  # a torch.export program runs the shapes it was exported with
-        if exported is not None:
-            original = export_keeping_bn(model, inputs)
-            result.notes.append("bench baseline: the original exported by the TorchScript exporter with every BN kept")
-            result.bench = _bench_ab(original, exported, shape, time_opts, onnx=True)
-        else:
-            result.bench = _bench_ab(model, folded, shape, time_opts, onnx=False)
+            result.checks["onnx"] = verify(model, exported, input_shapes=shapes, **_for(options.verify, onnx=True))
+    if options.do_bench:
+        options.stage("bench")
+        result.ab = _bench_torch(result, model, folded, exported, loaded, inputs, options)
     return result
+
+
+def _write_torch_result(
+    result: PipelineResult,
+    out: Path,
+    folded: nn.Module,
+    loaded: Loaded,
+    inputs: tuple | None,
+    options: _Options,
+) -> onnx.ModelProto | None:
+    """Write the folded model to ``out``; for ``.onnx``, export it and return the exported model."""
+    from bnfold.deploy.export import export_onnx
+
+    result.output = str(out)
+    if out.suffix != ".onnx":
+        options.stage("write")
+        _save_torch(out, folded, result.report, loaded, inputs)
+        return None
+    options.stage("export + ONNX sweep")
+    exported = export_onnx(folded, inputs, out, simplify=options.simplify)
+    result.onnx_report = exported.onnx_report
+    result.notes += [f"exported with the {exported.exporter} exporter, opset {exported.opset}", *exported.notes]
+    model = onnx.load(str(out))
+    result.bn_left_in_output = _bn_nodes(model)
+    return model
+
+
+def _bench_torch(
+    result: PipelineResult,
+    model: nn.Module,
+    folded: nn.Module,
+    exported: onnx.ModelProto | None,
+    loaded: Loaded,
+    inputs: tuple,
+    options: _Options,
+) -> ABResult:
+    """The original against the folded module, or against the ONNX export when one was written."""
+    from bnfold.deploy.export import export_keeping_bn
+
+    shape = tuple(inputs[0].shape)
+    bench = dict(options.bench)
+    if loaded.format == "torch-export" and not bench.get("batch_sizes"):
+        bench["batch_sizes"] = (shape[0],)  # a torch.export program runs the shapes it was exported with
+    if exported is None:
+        return _bench_ab(model, folded, shape, bench, onnx=False)
+    original = export_keeping_bn(model, inputs)
+    result.notes.append("bench baseline: the original exported by the TorchScript exporter with every BN kept")
+    return _bench_ab(original, exported, shape, bench, onnx=True)
 
 
 def _bench_ab(
@@ -316,13 +383,12 @@ def _bench_ab(
     options: dict[str, Any],
     *,
     onnx: bool,
-) -> dict[str, Any]:
-    """Original vs folded in interleaved rounds with a bootstrap interval (:func:`bnfold.ab.compare_models`)."""
-    from bnfold.ab import compare_models
+) -> ABResult:
+    """Original vs folded in interleaved rounds with a bootstrap interval (:func:`bnfold.deploy.ab.compare_models`)."""
+    from bnfold.deploy.ab import compare_models
 
     options = {k: v for k, v in _for(options, onnx=onnx).items() if k != "progress" and v is not None}
-    ab = compare_models(before, after, input_shape=shape, **options)
-    return {"ab": ab.to_dict(), "compare": {"rows": [r.to_dict() for r in ab.rows], "text": str(ab)}}
+    return compare_models(before, after, input_shape=shape, **options)
 
 
 def _verify_kwargs(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -335,7 +401,7 @@ def _verify_kwargs(options: dict[str, Any] | None) -> dict[str, Any]:
 
 def _for(options: dict[str, Any], *, onnx: bool) -> dict[str, Any]:
     """The options with only the runtimes that can run this kind of model (None: that kind's default)."""
-    from bnfold.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES
+    from bnfold.deploy.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES
 
     result = dict(options)
     if "runtimes" in result:
@@ -361,24 +427,24 @@ def summary_text(result: PipelineResult, *, summary: bool = False) -> str:
         lines.append(f"wrote {result.output}")
     if result.bn_left_in_output is not None:
         lines.append(f"BatchNormalization nodes in {result.output}: {result.bn_left_in_output}")
-    if result.verify is not None:
-        for key, check in result.verify.items():
-            if key == "passed":
-                continue
-            worst = max(o["scaled_max"] for r in check["runtimes"] for o in r["outputs"])
-            own = max((o["scaled_max"] for o in check["reference_error"]), default=0.0)
-            verdict = "pass" if check["passed"] else "MISMATCH"
-            lines.append(
-                f"verify ({key}): {verdict}; max error {worst:.3g} of output scale vs float64 "
-                f"(the original in its own dtype: {own:.3g})"
-            )
-            lines += [
-                f"  first divergence: {r['first_divergence']}" for r in check["runtimes"] if r["first_divergence"]
-            ]
-            if check.get("power"):
-                lines.append(f"  {check['power']['text']}")
-            lines += [f"  note: {n}" for n in check.get("notes", ())]
-    if result.bench is not None:
-        lines.append(result.bench["compare"]["text"])
+    for key, check in result.checks.items():
+        lines += _check_lines(key, check)
+    if result.ab is not None:
+        lines.append(str(result.ab))
     lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)
+
+
+def _check_lines(key: str, check: VerifyResult) -> list[str]:
+    """The verdict of one verification, its first divergence, power and notes."""
+    worst = max(o.stats.scaled_max for r in check.runtimes for o in r.outputs)
+    own = max((o.stats.scaled_max for o in check.reference_error), default=0.0)
+    verdict = "pass" if check.passed else "MISMATCH"
+    lines = [
+        f"verify ({key}): {verdict}; max error {worst:.3g} of output scale vs float64 "
+        f"(the original in its own dtype: {own:.3g})"
+    ]
+    lines += [f"  first divergence: {r.first_divergence}" for r in check.runtimes if r.first_divergence]
+    if check.power is not None:
+        lines.append(f"  {check.power.describe()}")
+    return lines + [f"  note: {n}" for n in check.notes]

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import nn
 
+from bnfold.deploy.verify import verify
 from bnfold.report import FoldReport
 from bnfold.torch_fold import fold
-from bnfold.verify import verify
 
 __all__ = ["assert_folded_equivalent"]
 
@@ -29,7 +29,7 @@ def assert_folded_equivalent(
         model: The model under test (not modified).
         inputs: Example inputs (tensor or tuple); or give ``input_shapes``.
         input_shapes: Shapes for seeded random inputs.
-        rtol: Relative tolerance (default by dtype, see :mod:`bnfold.verify`).
+        rtol: Relative tolerance (default by dtype, see :mod:`bnfold.deploy.verify`).
         atol: Absolute tolerance.
         require_all_folded: Also fail when any BN is kept (the message lists why).
         runtimes: Where the folded model runs (default ``torch-cpu``).

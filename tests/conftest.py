@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bnfold.compare import fold_error
+from bnfold.deploy.error_stats import fold_error
 from bnfold.zoo import randomize_batchnorm
 
 TOLERANCE = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 6e-3, torch.bfloat16: 5e-2}
@@ -34,7 +34,7 @@ def bn_count(model: nn.Module) -> int:
 def cnn_files(tmp_path_factory):
     """A cnn-bn with random BN statistics as a state_dict (good.pt) and a BN-keeping ONNX export (good.onnx)."""
     from bnfold import zoo
-    from bnfold.export import export_keeping_bn
+    from bnfold.deploy.export import export_keeping_bn
 
     d = tmp_path_factory.mktemp("cnn")
     model = randomized(zoo.build("cnn-bn"))

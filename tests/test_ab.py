@@ -7,9 +7,9 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from bnfold.ab import ab_compare
 from bnfold.cli import main
-from bnfold.export import export_keeping_bn
+from bnfold.deploy.ab import ab_compare
+from bnfold.deploy.export import export_keeping_bn
 
 
 def _mlp(depth):

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from bnfold import zoo
 from bnfold.cli import main
 from bnfold.errors import BnfoldError
-from bnfold.io import atomic_write
-from bnfold.loading import load_detailed
+from bnfold.model_io.loading import load_detailed
+from bnfold.model_io.outputs import atomic_write
 from bnfold.onnx_fold import fold_onnx
 
 

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 from conftest import randomized
 
 from bnfold import zoo
-from bnfold.checkpoint import load_folded
 from bnfold.cli import main
+from bnfold.model_io.checkpoint import load_folded
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_demo_and_zoo_commands():
 def test_fold_onnx_file(tmp_path):
     import onnx
 
-    from bnfold.export import export_keeping_bn
+    from bnfold.deploy.export import export_keeping_bn
 
     model = randomized(zoo.build("cnn-bn"))
     src = tmp_path / "model.bin"  # a misleading suffix: the content decides

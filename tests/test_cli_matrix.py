@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import bnfold
 from bnfold import zoo
-from bnfold.export import export_keeping_bn
+from bnfold.deploy.export import export_keeping_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = "2,1,8,8"

@@ -10,11 +10,11 @@ from conftest import randomized
 
 import bnfold
 from bnfold import zoo
-from bnfold.bench import benchmark, compare
 from bnfold.cli import main
+from bnfold.deploy.bench import benchmark, compare
+from bnfold.deploy.export import export_onnx
+from bnfold.deploy.verify import verify
 from bnfold.errors import BnfoldError
-from bnfold.export import export_onnx
-from bnfold.verify import verify
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])

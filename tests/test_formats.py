@@ -12,7 +12,7 @@ import bnfold
 from bnfold import zoo
 from bnfold.cli import main
 from bnfold.errors import BnfoldError
-from bnfold.formats import detect_format
+from bnfold.model_io.formats import detect_format
 from bnfold.testing import assert_folded_equivalent
 
 

@@ -5,8 +5,8 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper, parser
 
+from bnfold.deploy.onnx_reference import reference_float64, run_ort
 from bnfold.errors import BnfoldError
-from bnfold.onnx_eval import reference_float64, run_ort
 from bnfold.onnx_fold import fold_onnx, load_onnx, save_onnx
 
 
@@ -626,3 +626,19 @@ def test_a_layer_folded_twice_is_rounded_once():
     conv = next(n for n in folded.graph.node if n.op_type == "Conv")
     got = next(numpy_helper.to_array(i) for i in folded.graph.initializer if i.name == conv.input[1])
     assert np.array_equal(got, expected)
+
+
+def test_shape_reader_does_not_block_a_fold_and_follows_the_rename():
+    """Shape reads only metadata: BN still folds into the Conv, and the Shape reads the renamed output."""
+    text = """<ir_version: 8, opset_import: ["" : OPSET]>
+    g (float[2,3,5,5] x) => (float[2,4,3,3] y, int64[4] n) {
+      a = Conv (x, Wa)
+      n = Shape (a)
+      y = BatchNormalization (a, s, b, m, v)
+    }"""
+    inits = _consts(Wa=(4, 3, 3, 3)) + _bn_params(4)
+    folded, report = _check(_model(text, inits), {"x": _x(2, 3, 5, 5)}, folded_count=1)
+    assert "BatchNormalization" not in _ops(folded)
+    shape = next(node for node in folded.graph.node if node.op_type == "Shape")
+    conv = next(node for node in folded.graph.node if node.op_type == "Conv")
+    assert list(shape.input) == list(conv.output) == ["y"]

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.onnx_eval import reference_float64, run_ort
+from bnfold.deploy.onnx_reference import reference_float64, run_ort
 from bnfold.onnx_fold import fold_onnx
 
 BLOCKS = ["conv_bn", "bn_conv", "bn_padded_conv", "convt_bn", "relu", "bn", "concat_bn", "mul_add", "sum_bn", "flatten"]

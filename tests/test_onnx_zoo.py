@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bnfold import zoo
-from bnfold.export import export_keeping_bn
-from bnfold.onnx_eval import reference_float64, run_ort
+from bnfold.deploy.export import export_keeping_bn
+from bnfold.deploy.onnx_reference import reference_float64, run_ort
 from bnfold.onnx_fold import fold_onnx
 
 

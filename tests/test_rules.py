@@ -18,8 +18,8 @@ from conftest import randomized
 from torch import nn
 
 import bnfold
-from bnfold.export import export_keeping_bn
-from bnfold.onnx_eval import run_ort
+from bnfold.deploy.export import export_keeping_bn
+from bnfold.deploy.onnx_reference import run_ort
 from bnfold.onnx_fold import fold_onnx
 
 KINDS = ("modules", "torch.export", "onnx")

@@ -181,7 +181,7 @@ def test_malformed_trainer_checkpoints_are_one_line_errors(drop, set_, message, 
 
 def test_shipped_models_load_without_arch():
     for path in sorted((ROOT / "models").glob("*.pt")):
-        loaded = bnfold.loading.load_detailed(path)
+        loaded = bnfold.model_io.loading.load_detailed(path)
         assert loaded.arch in zoo.ZOO and isinstance(loaded.model, torch.nn.Module), path
 
 

@@ -13,9 +13,9 @@ from onnx import numpy_helper
 import bnfold
 from bnfold import zoo
 from bnfold.cli import main
+from bnfold.deploy.export import export_keeping_bn, export_onnx
+from bnfold.deploy.verify import verify
 from bnfold.errors import BnfoldError
-from bnfold.export import export_keeping_bn, export_onnx
-from bnfold.verify import verify
 
 
 def _folded(name="resnet-tiny"):

@@ -6,8 +6,8 @@ from conftest import randomized
 
 import bnfold
 from bnfold import zoo
-from bnfold.mutations import REAL_KINDS, effect, plant, plant_rounding
-from bnfold.verify import verify
+from bnfold.deploy.mutations import REAL_KINDS, effect, plant, plant_rounding
+from bnfold.deploy.verify import verify
 
 MODELS = list(zoo.ZOO)
 

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from torch import nn
 
 from bnfold.cli import main
-from bnfold.verify import verify
-from bnfold.verify_power import LADDER, _perturbed, input_dependence, weight_layers
+from bnfold.deploy.verify import verify
+from bnfold.deploy.verify_power import LADDER, _perturbed, input_dependence, weight_layers
 
 SHAPE = (4, 3, 8, 8)
 

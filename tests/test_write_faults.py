@@ -98,7 +98,7 @@ def test_sigterm_mid_write_leaves_nothing(tmp_path):
         sys.path.insert(0, {str(ROOT)!r})
         from bnfold.cli import install_signal_handlers
         from bnfold.errors import BnfoldError
-        from bnfold.io import atomic_write
+        from bnfold.model_io.outputs import atomic_write
         install_signal_handlers()
 
         def slow(tmp):

@@ -16,7 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError, first_line
-from bnfold.io import write_error
+from bnfold.model_io.outputs import write_error
 from bnfold.onnx_fold.tensors import (
     check_model_tensors,
     declared_bytes,

@@ -503,19 +503,29 @@ class OnnxView:
                 self.write_bias(state, item.bias)
 
     def remove_bn(self, site: BNSite, node: onnx.NodeProto) -> None:
-        """Drop BN: its producer writes BN's output name, or its readers read BN's input."""
+        """Drop BN: its producer writes BN's output name, or its readers read BN's input.
+
+        Renaming keeps a graph output's name; Shape/Size readers of the input follow the rename
+        (BN keeps the shape).
+        """
         x, y = node.input[0], node.output[0]
         producer = self.index.producer.get(x)
         self.remove(node)
-        if producer is not None and not self.index.readers(x):
+        left = self.index.readers(x)
+        if producer is not None and all(r is not None and r.op_type in _METADATA_READERS for r in left):
             self.index.set_output(producer, list(producer.output).index(x), y)
+            for reader in left:
+                self._replace_input(reader, x, y)
             return
         for reader in self.index.readers(y):
             if reader is None:
                 raise RuntimeError(f"BN output '{y}' is a graph output that no node writes after the fold")
-            for position, name in enumerate(reader.input):
-                if name == y:
-                    self.index.set_input(reader, position, x)
+            self._replace_input(reader, y, x)
+
+    def _replace_input(self, node: onnx.NodeProto, old: str, new: str) -> None:
+        for position, name in enumerate(list(node.input)):
+            if name == old:
+                self.index.set_input(node, position, new)
 
     def settle(self) -> None:
         """Drop results of refused attempts."""

@@ -2,18 +2,27 @@
 
 A rule matches a pattern around one BN, checks it (a reason when refused) and
 rewrites it, asking the graph only what :class:`~bnfold.rules.view.GraphView`
-offers. :data:`RULES` is the order they are tried in; :func:`fold_graph` repeats
-them until nothing changes.
+offers. Every module named ``into_*.py`` in this package holds rules; they are
+imported here and :data:`RULES` lists them by ``order``. :func:`fold_graph`
+repeats them until nothing changes.
 """
 
+import importlib
+import pkgutil
+
 from bnfold.rules.driver import fold_graph
-from bnfold.rules.into_concat import IntoConcatProducers
-from bnfold.rules.into_following import IntoFollowing
-from bnfold.rules.into_preceding import IntoPreceding
-from bnfold.rules.into_sum import IntoSumProducers
 from bnfold.rules.rule import Plan, Rule
 
 __all__ = ["RULES", "Plan", "Rule", "fold_graph"]
 
-# per side, the first rule whose pattern matches is checked: concat and sum before the plain layer
-RULES: tuple[Rule, ...] = (IntoConcatProducers(), IntoSumProducers(), IntoPreceding(), IntoFollowing())
+
+def _registered() -> tuple[Rule, ...]:
+    """One instance of every rule class defined in the ``into_*`` modules, by ``order``."""
+    for module in pkgutil.iter_modules(__path__):
+        if module.name.startswith("into_"):
+            importlib.import_module(f"{__name__}.{module.name}")
+    classes = [cls for cls in Rule.__subclasses__() if cls.__module__.startswith(f"{__name__}.into_")]
+    return tuple(cls() for cls in sorted(classes, key=lambda cls: (cls.order, cls.__name__)))
+
+
+RULES: tuple[Rule, ...] = _registered()

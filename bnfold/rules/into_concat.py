@@ -21,6 +21,7 @@ class IntoConcatProducers(Rule):
 
     side = "before"
     action = FOLDED_INTO_PRODUCERS
+    order = 10
 
     def match(self, view: GraphView, site: BNSite, node: Node) -> bool:
         """BN's input (through pools) is written by a concat."""

@@ -33,6 +33,7 @@ class IntoFollowing(Rule):
 
     side = "after"
     action = FOLDED_INTO_FOLLOWING
+    order = 100
 
     def match(self, view: GraphView, site: BNSite, node: Node) -> bool:
         """Always: whatever reads BN's output is checked as a layer."""

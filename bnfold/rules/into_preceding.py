@@ -20,6 +20,7 @@ class IntoPreceding(Rule):
 
     side = "before"
     action = FOLDED_INTO_PRECEDING
+    order = 90
 
     def match(self, view: GraphView, site: BNSite, node: Node) -> bool:
         """Always: whatever writes BN's input is checked as a layer."""

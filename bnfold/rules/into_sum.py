@@ -37,6 +37,7 @@ class IntoSumProducers(Rule):
 
     side = "before"
     action = FOLDED_INTO_PRODUCERS
+    order = 20
 
     def match(self, view: GraphView, site: BNSite, node: Node) -> bool:
         """BN's input (through pools) is written by a sum of tensors."""

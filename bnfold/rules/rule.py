@@ -27,13 +27,15 @@ class Rule:
     """One way a BN folds away.
 
     Subclasses set ``side`` (``before``: into layers that write BN's input; ``after``:
-    into the layer that reads its output), ``action`` (the report's verb) and implement
-    :meth:`match` and :meth:`check`. The rewrite is the same for every rule: commit the
-    staged weights, then take the BN out.
+    into the layer that reads its output), ``action`` (the report's verb) and ``order``
+    (per side, the first rule in order whose pattern matches is the one checked), and
+    implement :meth:`match` and :meth:`check`. The rewrite is the same for every rule:
+    commit the staged weights, then take the BN out.
     """
 
     side: str = "before"
     action: str = ""
+    order: int = 50
 
     def match(self, view: GraphView, site: BNSite, node: Node) -> bool:
         """Whether the pattern applies; the first rule of a side that matches is the one checked."""

@@ -21,7 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from bnfold.torch_fold.kinds import is_atomic
+from bnfold.torch_fold.recognise import is_atomic
 
 __all__ = ["BATCH_NORM_FUNCTIONS", "Call", "DataFlow", "record", "trace"]
 

@@ -33,7 +33,7 @@ from bnfold.affine import (
 from bnfold.report import KEPT, LayerEntry
 from bnfold.rules.view import BNSite, Layer, Op, OpKind, Staged
 from bnfold.torch_fold.dataflow import BATCH_NORM_FUNCTIONS, Call, DataFlow
-from bnfold.torch_fold.kinds import ANY_RANK, BNModule, bn_module, has_hooks, layer_spec
+from bnfold.torch_fold.recognise import ANY_RANK, BNModule, bn_module, has_hooks, layer_spec
 
 __all__ = ["ModuleView"]
 
@@ -265,7 +265,12 @@ class ModuleView:
             dim = _arg(call, 1, "dim", 0)
             return OpKind.CONCAT, dim if isinstance(dim, int) else None
         is_add = call.target in _ADD_FUNCTIONS or name in ("add", "__add__", "__radd__")
-        if is_add and len(call.inputs) == 2 and not set(call.kwargs) - {"other"}:
+        if (
+            is_add
+            and len(call.inputs) == 2
+            and len(call.args) + len(call.kwargs) == 2
+            and not set(call.kwargs) - {"other"}
+        ):
             return OpKind.SUM, None
         flatten = name == "flatten" and len(call.inputs) == 1
         if flatten and _arg(call, 1, "start_dim", 0) == 1 and _arg(call, 2, "end_dim", -1) == -1:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnfold.io import atomic_write
+from bnfold.model_io.outputs import atomic_write
 from bnfold.training.data import load_dataset
 from bnfold.zoo import mlp_bn
 

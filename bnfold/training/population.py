@@ -62,6 +62,47 @@ def _default_forward(model: nn.Module, batch: Any) -> None:
         raise BnfoldError("batches must be tensors or (input, target) pairs; pass forward= for other formats")
 
 
+def _run_batches(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int | None,
+    forward: Callable[[nn.Module, Any], None],
+    device: torch.device,
+    progress: bool,
+) -> int:
+    """Run the batches through the model in train mode (the hooks sum what each BN sees); return how many ran."""
+    from tqdm import tqdm
+
+    count = 0
+    with torch.no_grad():
+        for batch in tqdm(batches, total=num_batches, desc="population statistics", disable=not progress, leave=False):
+            if num_batches is not None and count >= num_batches:
+                break
+            if isinstance(batch, torch.Tensor):
+                batch = batch.to(device)
+            elif isinstance(batch, list | tuple):
+                batch = type(batch)(b.to(device) if isinstance(b, torch.Tensor) else b for b in batch)
+            try:
+                forward(model, batch)
+            except (ValueError, RuntimeError) as error:
+                raise BnfoldError(f"the model failed on batch {count} in train mode: {first_line(error)}") from None
+            count += 1
+    return count
+
+
+def _write_statistics(name: str, module: _BatchNorm, s: _Sums) -> int:
+    """Set one BN's running mean and (unbiased, Algorithm 2) variance from its sums; return values per channel."""
+    dof = float(s.values - s.batches)
+    if float(s.values) == 0 or dof <= 0:
+        raise BnfoldError(f"BN {name} saw {int(s.values)} value(s) per channel; population statistics need more")
+    with torch.no_grad():
+        module.running_mean.copy_((s.total / s.values).to(module.running_mean.dtype))
+        module.running_var.copy_((s.within / dof).to(module.running_var.dtype))
+        if module.num_batches_tracked is not None:
+            module.num_batches_tracked.fill_(int(s.batches))
+    return int(s.values)
+
+
 def population_statistics(
     model: nn.Module,
     batches: Iterable[Any],
@@ -120,26 +161,8 @@ def population_statistics(
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in bns.items()]
     was_training = model.training
     model.train()
-    count = 0
-    from tqdm import tqdm
-
     try:
-        with torch.no_grad():
-            for batch in tqdm(
-                batches, total=num_batches, desc="population statistics", disable=not progress, leave=False
-            ):
-                if num_batches is not None and count >= num_batches:
-                    break
-                if isinstance(batch, torch.Tensor):
-                    batch = batch.to(device)
-                elif isinstance(batch, list | tuple):
-                    batch = type(batch)(b.to(device) if isinstance(b, torch.Tensor) else b for b in batch)
-                try:
-                    forward(model, batch)
-                except (ValueError, RuntimeError) as error:
-                    first = first_line(error)
-                    raise BnfoldError(f"the model failed on batch {count} in train mode: {first}") from None
-                count += 1
+        count = _run_batches(model, batches, num_batches, forward, device, progress)
     finally:
         for handle in handles:
             handle.remove()
@@ -150,18 +173,7 @@ def population_statistics(
         for s in sums.values():
             for t in (s.total, s.within, s.values, s.batches):
                 dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    per_channel = {}
-    for name, module in bns.items():
-        s = sums[name]
-        dof = float(s.values - s.batches)
-        if float(s.values) == 0 or dof <= 0:
-            raise BnfoldError(f"BN {name} saw {int(s.values)} value(s) per channel; population statistics need more")
-        with torch.no_grad():
-            module.running_mean.copy_((s.total / s.values).to(module.running_mean.dtype))
-            module.running_var.copy_((s.within / dof).to(module.running_var.dtype))
-            if module.num_batches_tracked is not None:
-                module.num_batches_tracked.fill_(int(s.batches))
-        per_channel[name] = int(s.values)
+    per_channel = {name: _write_statistics(name, module, sums[name]) for name, module in bns.items()}
     model.eval()
     calls = int(next(iter(sums.values())).batches)  # batches seen by the first BN, on all ranks together
     return PopulationStats(calls if world > 1 else count, len(bns), per_channel, world)

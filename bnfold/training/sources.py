@@ -87,7 +87,7 @@ def _check_shape(x: np.ndarray, shape: tuple[int, ...] | None, source: str) -> t
 
 def _arrays(path: Path, labels: Path | None) -> tuple[np.ndarray, np.ndarray | None]:
     if path.suffix == ".npz":
-        from bnfold.formats import check_npz
+        from bnfold.model_io.formats import check_npz
 
         check_npz(path)  # a stranger's archive may be a decompression bomb
     try:
@@ -201,7 +201,7 @@ def _image_batches(
 def _from_code(
     spec: str, batch_size: int, rank: int, world: int
 ) -> tuple[Iterable[tuple[torch.Tensor, torch.Tensor | None]], str]:
-    from bnfold.checkpoint import import_named
+    from bnfold.model_io.checkpoint import import_named
 
     target = import_named(spec, "--data")
     if isinstance(target, type) and issubclass(target, torch.utils.data.Dataset):

@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
 from bnfold import zoo
-from bnfold.checkpoint import build_arch, trained_checkpoint
 from bnfold.errors import BnfoldError
-from bnfold.io import atomic_write
+from bnfold.model_io.checkpoint import build_arch, trained_checkpoint
+from bnfold.model_io.outputs import atomic_write
 from bnfold.training.data import Dataset, load_dataset
 from bnfold.training.population import population_statistics
 
@@ -110,16 +110,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.
     return correct / max(1, len(x))
 
 
-def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
-    """Train ``config.arch`` on ``config.data``, then compute population statistics (Algorithm 2).
-
-    Under torchrun (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel
-    (gloo on CPU, nccl on GPU), the data is sharded, and the population statistics are
-    pooled across ranks, so every rank holds the same model.
-
-    Raises:
-        BnfoldError: Bad configuration or data.
-    """
+def _check_config(config: TrainConfig) -> None:
     if config.optimizer not in ("adam", "sgd"):
         raise BnfoldError(f"--optimizer {config.optimizer}: use adam or sgd")
     if config.batch_size < 2 or config.lr <= 0 or (config.steps is not None and config.steps < 1) or config.epochs < 1:
@@ -131,11 +122,58 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
             "--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only; add --device cuda (population "
             "statistics are pooled across ranks either way)"
         )
-    rank, world = _distributed()
-    device = torch.device(config.device)
-    if config.device == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.manual_seed(config.seed)
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Steps taken and running training loss / accuracy."""
+
+    step: int = 0
+    epoch: int = 0
+    loss: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+
+def _train_steps(
+    wrapped: nn.Module,
+    loader: DataLoader,
+    sampler: DistributedSampler | None,
+    optimizer: torch.optim.Optimizer,
+    total: int,
+    device: torch.device,
+    bar: Any,  # noqa: ANN401 - a tqdm bar
+) -> _Progress:
+    """Mini-batch training (the BN paper's Algorithm 1 in every BN) for ``total`` steps."""
+    loss_fn = nn.CrossEntropyLoss()
+    done = _Progress()
+    while done.step < total:
+        if sampler is not None:
+            sampler.set_epoch(done.epoch)
+        wrapped.train()
+        for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
+            logits = wrapped(xb)
+            loss = loss_fn(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            done.step += 1
+            done.loss += float(loss.detach()) * len(yb)
+            done.correct += int((logits.argmax(1) == yb).sum())
+            done.seen += len(yb)
+            bar.update(1)
+            bar.set_postfix(loss=f"{done.loss / done.seen:.3f}", acc=f"{done.correct / done.seen:.3f}")
+            if done.step >= total:
+                break
+        done.epoch += 1
+    return done
+
+
+def _setup(
+    config: TrainConfig, device: torch.device, rank: int, world: int
+) -> tuple[TrainConfig, nn.Module, TensorDataset, DataLoader, DistributedSampler | None, tuple]:
+    """The data (sharded under torchrun), the model, and the config with its input shape and kwargs filled in."""
     data = load_dataset(config.data, config.seed)
     shape = input_shape_for(config.arch, data, config.input_shape)
     kwargs = _arch_kwargs(config.arch, data, config.arch_kwargs)
@@ -144,7 +182,6 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     if config.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     x_train, y_train = data.tensors(shape, "train")
-    x_test, y_test = data.tensors(shape, "test")
     dataset = TensorDataset(x_train, y_train)
     sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=config.seed) if world > 1 else None
     generator = torch.Generator().manual_seed(config.seed)
@@ -153,6 +190,27 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     )
     if len(loader) == 0:
         raise BnfoldError(f"batch size {config.batch_size} exceeds the {len(dataset) // world} training examples")
+    return config, model, dataset, loader, sampler, data.tensors(shape, "test")
+
+
+def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
+    """Train ``config.arch`` on ``config.data``, then compute population statistics (Algorithm 2).
+
+    Under torchrun (``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel
+    (gloo on CPU, nccl on GPU), the data is sharded, and the population statistics are
+    pooled across ranks, so every rank holds the same model.
+
+    Raises:
+        BnfoldError: Bad configuration or data.
+    """
+    _check_config(config)
+    rank, world = _distributed()
+    device = torch.device(config.device)
+    if config.device == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.manual_seed(config.seed)
+    config, model, dataset, loader, sampler, (x_test, y_test) = _setup(config, device, rank, world)
+    kwargs, shape = config.arch_kwargs, config.input_shape
     wrapped: nn.Module = model
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(
@@ -162,32 +220,11 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         wrapped.parameters(), lr=config.lr
     )
     total = config.steps or config.epochs * len(loader)
-    loss_fn = nn.CrossEntropyLoss()
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=f"train {config.arch}", disable=not progress or rank != 0, leave=False)
-    step, epoch, start = 0, 0, time.perf_counter()
-    running_loss, running_correct, running_seen = 0.0, 0, 0
-    while step < total:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        wrapped.train()
-        for xb, yb in loader:
-            xb, yb = xb.to(device), yb.to(device)
-            logits = wrapped(xb)
-            loss = loss_fn(logits, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            running_loss += float(loss.detach()) * len(yb)
-            running_correct += int((logits.argmax(1) == yb).sum())
-            running_seen += len(yb)
-            bar.update(1)
-            bar.set_postfix(loss=f"{running_loss / running_seen:.3f}", acc=f"{running_correct / running_seen:.3f}")
-            if step >= total:
-                break
-        epoch += 1
+    start = time.perf_counter()
+    done = _train_steps(wrapped, loader, sampler, optimizer, total, device, bar)
     bar.close()
     seconds = time.perf_counter() - start
     moving = _accuracy(model, x_test, y_test, device)
@@ -200,15 +237,14 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
     shard = Subset(dataset, range(rank, len(dataset), world))
     stats_loader = DataLoader(shard, config.batch_size, shuffle=False)
     pop = population_statistics(model, stats_loader, device=device, progress=progress and rank == 0)
-    population = _accuracy(model, x_test, y_test, device)
     metrics = {
-        "steps": step,
-        "epochs": epoch,
+        "steps": done.step,
+        "epochs": done.epoch,
         "train_seconds": round(seconds, 2),
-        "train_loss": running_loss / max(1, running_seen),
-        "train_accuracy": running_correct / max(1, running_seen),
+        "train_loss": done.loss / max(1, done.seen),
+        "train_accuracy": done.correct / max(1, done.seen),
         "test_accuracy_moving_average": moving,
-        "test_accuracy": population,
+        "test_accuracy": _accuracy(model, x_test, y_test, device),
         "test_examples": len(x_test),
         "world_size": world,
     }

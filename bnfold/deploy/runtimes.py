@@ -112,7 +112,7 @@ def _flatten(out: object) -> list[torch.Tensor]:
 
 def run_onnx(model: onnx.ModelProto, inputs: list[np.ndarray], runtime: str = "ort-cpu") -> list[np.ndarray]:
     """Run an ONNX model on ``runtime``: graph optimisations off, except for ``ort-cpu-opt``."""
-    from bnfold.onnx_eval import run_ort
+    from bnfold.deploy.onnx_reference import run_ort
 
     initializers = {t.name for t in model.graph.initializer}
     names = [i.name for i in model.graph.input if i.name not in initializers]

@@ -25,7 +25,7 @@ def companions(path: str | os.PathLike) -> list[Path]:
     """
     p = Path(path)
     try:
-        from bnfold.formats import detect_format
+        from bnfold.model_io.formats import detect_format
 
         if not p.is_file() or detect_format(p) != "onnx":
             return []

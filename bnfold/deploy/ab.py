@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from bnfold.bench import _fixed_batch, _onnx_shape, runner, timed, torch_threads
+from bnfold.deploy.bench import _fixed_batch, _onnx_shape, runner, timed, torch_threads
 from bnfold.errors import BnfoldError
 from bnfold.lazy import is_module
 
 if TYPE_CHECKING:
     from torch import nn
-from bnfold.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES, check_available
+from bnfold.deploy.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES, check_available
 
 __all__ = ["ABResult", "ABRow", "ab_compare", "compare_models", "default_threads"]
 

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import onnx
 
 from bnfold.errors import BnfoldError, first_line
-from bnfold.formats import detect_format
 from bnfold.lazy import is_module
+from bnfold.model_io.formats import detect_format
 from bnfold.onnx_fold import load_onnx
 
 if TYPE_CHECKING:  # torch is imported only for formats that need it: ONNX jobs never load it
@@ -34,7 +34,7 @@ class Loaded:
 
     Attributes:
         model: An ``nn.Module`` (TorchScript and torch.export programs included) or ``onnx.ModelProto``.
-        format: What :func:`bnfold.formats.detect_format` read.
+        format: What :func:`bnfold.model_io.formats.detect_format` read.
         arch: Architecture name or ``module:callable``, when known.
         arch_kwargs: Its keyword arguments.
         input_shape: One input's shape with batch axis, when known.
@@ -58,7 +58,7 @@ def _with_arch(
 ) -> Loaded:
     if not arch:
         raise BnfoldError(f"{path}: a bare state_dict needs --arch (a zoo name or package.module:callable)")
-    from bnfold.checkpoint import build_for_state, load_into
+    from bnfold.model_io.checkpoint import build_for_state, load_into
 
     model = load_into(build_for_state(arch, kwargs, state, str(path)), state, str(path)).eval()
     return Loaded(model, fmt, arch, kwargs, _zoo_shape(arch))
@@ -66,8 +66,8 @@ def _with_arch(
 
 def _self_describing(path: Path, raw: dict[str, Any], state: dict[str, torch.Tensor], choice: dict[str, Any]) -> Loaded:
     """A bnfold folded or trainer file: its recipe read as data, code built only as :func:`choose_arch` allows."""
-    from bnfold.checkpoint import rebuild_folded
-    from bnfold.recipe import FOLDED_FORMAT, choose_arch, parse_recipe
+    from bnfold.model_io.checkpoint import rebuild_folded
+    from bnfold.model_io.recipe import FOLDED_FORMAT, choose_arch, parse_recipe
 
     recipe = parse_recipe(raw, str(path))
     arch, kwargs = choose_arch(recipe, str(path), **choice)
@@ -119,8 +119,8 @@ def load_detailed(
         return Loaded(load_onnx(p), fmt)
     import torch
 
-    from bnfold.checkpoint import read_checkpoint
-    from bnfold.checkpoint import state_dict_from as _state_dict_from
+    from bnfold.model_io.checkpoint import read_checkpoint
+    from bnfold.model_io.checkpoint import state_dict_from as _state_dict_from
 
     if fmt == "safetensors":
         from safetensors import SafetensorError, safe_open
@@ -168,7 +168,7 @@ def _unpickle(path: Path) -> Any:
     """``torch.load`` without restrictions (the user opted in): classes may live in the working directory."""
     import torch
 
-    from bnfold.checkpoint import working_directory_importable
+    from bnfold.model_io.checkpoint import working_directory_importable
 
     try:
         with working_directory_importable():

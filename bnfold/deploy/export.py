@@ -17,8 +17,8 @@ import onnx
 import torch
 from torch import nn
 
+from bnfold.deploy.onnx_reference import run_ort
 from bnfold.errors import BnfoldError, first_line
-from bnfold.onnx_eval import run_ort
 from bnfold.onnx_fold import fold_onnx, save_onnx
 from bnfold.report import FoldReport
 

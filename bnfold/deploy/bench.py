@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from bnfold.deploy.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES, check_available, ort_providers
 from bnfold.errors import BnfoldError, first_line
 from bnfold.lazy import is_module, torch_if_loaded
-from bnfold.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES, check_available, ort_providers
 
 if TYPE_CHECKING:
     from torch import nn
@@ -148,7 +148,7 @@ def runner(
         return run_torch, setup_ms
     import onnxruntime as ort
 
-    from bnfold.onnx_eval import ort_errors
+    from bnfold.deploy.onnx_reference import ort_errors
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -276,7 +276,7 @@ def benchmark(
     file_mb = None
     if isinstance(model, str | os.PathLike):
         file_mb = Path(model).stat().st_size / 2**20
-        from bnfold.loading import load
+        from bnfold.model_io.loading import load
 
         model = load(model)
     module = is_module(model)
@@ -301,7 +301,7 @@ def benchmark(
     jobs = [(r, b) for r in runtimes for b in batch_sizes]
     from tqdm import tqdm
 
-    from bnfold.ab import default_threads
+    from bnfold.deploy.ab import default_threads
 
     rows = []
     with torch_threads(threads) as used:
@@ -366,7 +366,7 @@ def _chart(rows: list[dict[str, Any]], path: str | os.PathLike) -> None:
         import matplotlib.pyplot as plt
     except ImportError as error:
         raise BnfoldError("--chart needs matplotlib (pip install matplotlib)") from error
-    from bnfold.io import atomic_write
+    from bnfold.model_io.outputs import atomic_write
 
     labels = [f"{r['runtime']}\nbatch {r['batch_size']}" for r in rows]
     xs = np.arange(len(rows))

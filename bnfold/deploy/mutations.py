@@ -112,9 +112,9 @@ def effect(reference: nn.Module, mutant: nn.Module, input_shapes: list[tuple[int
     The mutant runs in float64, so rounding plays no part: a value over 1 means
     the change itself, not noise, exceeds what verify allows (the original's own
     float32 error on the element's slice and the slice's scale); under 1, it is
-    within that bound. Same inputs and bound as :func:`bnfold.verify.verify`.
+    within that bound. Same inputs and bound as :func:`bnfold.deploy.verify.verify`.
     """
-    from bnfold.verify import TOLERANCES, _allowed, _draws, _run, _truth
+    from bnfold.deploy.verify import TOLERANCES, _allowed, _draws, _run, _truth
 
     rtol, atol_factor = TOLERANCES["float32"]
     worst = 0.0

@@ -19,8 +19,8 @@ from bnfold.report import FoldReport, LayerEntry
 from bnfold.rules import RULES, fold_graph
 from bnfold.torch_fold.aten import fold_exported, has_aten_batch_norm
 from bnfold.torch_fold.dataflow import DataFlow, record, trace
-from bnfold.torch_fold.kinds import bn_module
 from bnfold.torch_fold.module_view import ModuleView
+from bnfold.torch_fold.recognise import bn_module
 
 __all__ = ["fold"]
 

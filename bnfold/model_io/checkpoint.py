@@ -19,8 +19,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold import zoo
 from bnfold.errors import BnfoldError, first_line
-from bnfold.io import atomic_write
-from bnfold.recipe import FOLDED_FORMAT, TRAINED_FORMAT, choose_arch, parse_recipe
+from bnfold.model_io.outputs import atomic_write
+from bnfold.model_io.recipe import FOLDED_FORMAT, TRAINED_FORMAT, choose_arch, parse_recipe
 from bnfold.report import FoldReport
 
 __all__ = [
@@ -140,7 +140,7 @@ def build_arch(arch: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """Build a model from a zoo name or ``package.module:callable``.
 
     Importing ``package.module`` runs that module's code: only call this with
-    code the user named (see :func:`bnfold.recipe.choose_arch` for files).
+    code the user named (see :func:`bnfold.model_io.recipe.choose_arch` for files).
 
     Raises:
         BnfoldError: Unknown zoo name, a module that fails to import, missing
@@ -206,7 +206,7 @@ def _replaced_modules(model: nn.Module, replaced: Iterable[str], source: str) ->
 
 def _without(model: nn.Module, replaced: Iterable[str], source: str) -> nn.Module:
     """``model`` with the named BN modules replaced as a folded checkpoint records (refusing non-BN names)."""
-    from bnfold.torch_fold.kinds import bn_module
+    from bnfold.torch_fold.recognise import bn_module
 
     for name, child in _replaced_modules(model, replaced, source).items():
         parent, _, attr = name.rpartition(".")
@@ -325,7 +325,7 @@ def load_folded(path: str | os.PathLike, **choice: Any) -> nn.Module:
 
     Args:
         path: The folded checkpoint.
-        **choice: ``arch``, ``arch_kwargs``, ``trust_arch`` as for :func:`bnfold.recipe.choose_arch`.
+        **choice: ``arch``, ``arch_kwargs``, ``trust_arch`` as for :func:`bnfold.model_io.recipe.choose_arch`.
 
     Raises:
         BnfoldError: Not a folded checkpoint, a malformed recipe, or one naming
@@ -344,7 +344,7 @@ def rebuild_folded(
 ) -> nn.Module:
     """The architecture with its folded BNs removed (extra ops of BN subclasses kept) and the folded weights.
 
-    ``arch`` must be one the caller may build (:func:`bnfold.recipe.choose_arch`);
+    ``arch`` must be one the caller may build (:func:`bnfold.model_io.recipe.choose_arch`);
     ``replaced`` must name BatchNorm modules of it.
     """
     model = _without(build_for_state(arch, arch_kwargs, state, source, replaced).eval(), replaced, source)

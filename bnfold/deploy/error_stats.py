@@ -71,7 +71,7 @@ def fold_error(original: torch.nn.Module, folded: torch.nn.Module, inputs: tuple
     """
     import torch
 
-    from bnfold.runtimes import run_torch, run_torch64
+    from bnfold.deploy.runtimes import run_torch, run_torch64
 
     arrays = [
         x.detach().cpu().float().numpy() if x.dtype == torch.bfloat16 else x.detach().cpu().numpy() for x in inputs

@@ -38,10 +38,10 @@ from bnfold.lazy import is_module, is_tensor
 if TYPE_CHECKING:
     from torch import nn
 
-from bnfold.compare import ErrorStats, error_stats
+from bnfold.deploy.error_stats import ErrorStats, error_stats
+from bnfold.deploy.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES, check_available, run_onnx, run_torch, run_torch64
+from bnfold.deploy.verify_power import INDEPENDENT_BELOW, Power, input_dependence, measure_power
 from bnfold.errors import BnfoldError, first_line
-from bnfold.runtimes import ONNX_RUNTIMES, TORCH_RUNTIMES, check_available, run_onnx, run_torch, run_torch64
-from bnfold.verify_power import INDEPENDENT_BELOW, Power, input_dependence, measure_power
 
 __all__ = ["NOISE_FACTOR", "TOLERANCES", "VerifyResult", "verify"]
 
@@ -240,7 +240,7 @@ def _draws(specs: list[tuple[tuple[int, ...], Any]], count: int) -> list[list[np
 def _truth(reference: nn.Module | onnx.ModelProto, inputs: list[np.ndarray]) -> list[np.ndarray]:
     if is_module(reference):
         return run_torch64(reference, inputs)
-    from bnfold.onnx_eval import reference_float64
+    from bnfold.deploy.onnx_reference import reference_float64
 
     names = [i.name for i in reference.graph.input if i.name not in {t.name for t in reference.graph.initializer}]
     return reference_float64(reference, dict(zip(names, inputs, strict=True)))
@@ -453,7 +453,7 @@ def _onnx_intermediates(
             exposed.graph.output.append(onnx.ValueInfoProto(name=name))
     all_names = [o.name for o in exposed.graph.output]
     if float64:
-        from bnfold.onnx_eval import reference_float64
+        from bnfold.deploy.onnx_reference import reference_float64
 
         graph_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
         values = reference_float64(exposed, dict(zip(graph_inputs, inputs, strict=True)))
@@ -498,7 +498,7 @@ def _as_model(value: Any, label: str) -> nn.Module | onnx.ModelProto:
     if is_module(value) or isinstance(value, onnx.ModelProto):
         return value
     if isinstance(value, str) or hasattr(value, "__fspath__"):
-        from bnfold.loading import load
+        from bnfold.model_io.loading import load
 
         return load(value)
     raise BnfoldError(f"{label}: expected a torch module, an onnx.ModelProto or a path, got {type(value).__name__}")
@@ -554,7 +554,7 @@ def verify(
         input_shapes: Input shapes for torch models when no inputs are given.
         draws: Number of random draws.
         power: Also measure what the check could catch on these inputs
-            (:mod:`bnfold.verify_power`): the smallest single-layer weight
+            (:mod:`bnfold.deploy.verify_power`): the smallest single-layer weight
             change that fails it, and how much the output depends on the input.
 
     Returns:

@@ -1,0 +1,1 @@
+"""The deployment half: ONNX export, verification against float64, latency benchmarks, runtimes."""

@@ -1,0 +1,1 @@
+"""Model files in and out: format detection, safe checkpoint loading, recipes, atomic output writes."""
