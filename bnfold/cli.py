@@ -127,6 +127,11 @@ _allow_option = click.option(
     is_flag=True,
     help="ONNX: treat initializers listed as graph inputs as constants (and drop them from the inputs).",
 )
+_merge_option = click.option(
+    "--no-merge",
+    is_flag=True,
+    help="Do not merge parallel branches summed into one conv (RepVGG / MobileOne / ACNet blocks) in ONNX graphs.",
+)
 _unsafe_option = click.option(
     "--unsafe-pickle",
     is_flag=True,
@@ -160,6 +165,7 @@ def _stage(quiet: bool) -> Callable[[str], None]:
 @_kwargs_option
 @_shape_option
 @_allow_option
+@_merge_option
 @_unsafe_option
 @_trust_option
 @click.option("--verify", "do_verify", is_flag=True, help="Check the result against the original in float64.")
@@ -189,6 +195,7 @@ def fold(
     arch_kwargs: str | None,
     input_shapes: tuple[str, ...],
     allow_initializer_inputs: bool,
+    no_merge: bool,
     unsafe_pickle: bool,
     trust_arch: bool,
     do_verify: bool,
@@ -257,6 +264,7 @@ def fold(
         unsafe_pickle=unsafe_pickle,
         trust_arch=trust_arch,
         allow_initializer_inputs=allow_initializer_inputs,
+        merge_branches=not no_merge,
         do_verify=do_verify,
         do_bench=do_bench,
         simplify=simplify,
@@ -278,6 +286,7 @@ def fold(
 @_kwargs_option
 @_shape_option
 @_allow_option
+@_merge_option
 @_unsafe_option
 @_trust_option
 @_json_option
@@ -288,6 +297,7 @@ def inspect(
     arch_kwargs: str | None,
     input_shapes: tuple[str, ...],
     allow_initializer_inputs: bool,
+    no_merge: bool,
     unsafe_pickle: bool,
     trust_arch: bool,
     as_json: bool,
@@ -315,6 +325,7 @@ def inspect(
         unsafe_pickle=unsafe_pickle,
         trust_arch=trust_arch,
         allow_initializer_inputs=allow_initializer_inputs,
+        merge_branches=not no_merge,
     )
     _emit(as_json, False, result.report.to_dict(), result.report.render(dry_run=True, summary=summary))
 

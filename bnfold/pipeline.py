@@ -191,6 +191,7 @@ def run_pipeline(
     unsafe_pickle: bool = False,
     trust_arch: bool = False,
     allow_initializer_inputs: bool = False,
+    merge_branches: bool = True,
     do_verify: bool = False,
     do_bench: bool = False,
     simplify: bool = False,
@@ -210,6 +211,8 @@ def run_pipeline(
         unsafe_pickle: Allow whole pickled modules (runs code from the file).
         trust_arch: Build the code a bnfold file's recipe names (see :func:`bnfold.load`).
         allow_initializer_inputs: See :func:`bnfold.fold_onnx`.
+        merge_branches: Merge parallel branches in ONNX graphs (the input's or the export's), see
+            :func:`bnfold.fold_onnx`.
         do_verify: Compare the result with the original against float64.
         do_bench: Time the original and the result.
         simplify: Run onnx-simplifier on an ONNX output (kept only if it verifies).
@@ -233,6 +236,7 @@ def run_pipeline(
         do_bench,
         simplify,
         stage,
+        merge_branches,
     )
     out = Path(output) if output else None
     if out is not None and out.suffix not in OUTPUT_SUFFIXES:
@@ -261,6 +265,7 @@ class _Options:
     do_bench: bool
     simplify: bool
     stage: Callable[[str], None]
+    merge_branches: bool
 
 
 def _run_onnx(
@@ -277,6 +282,7 @@ def _run_onnx(
             loaded.model,
             allow_initializer_inputs=allow_initializer_inputs,
             copy=options.do_verify or options.do_bench,
+            merge_branches=options.merge_branches,
         )
     except BnfoldError as error:
         raise BnfoldError(f"{path}: {error}") from None
@@ -345,7 +351,7 @@ def _write_torch_result(
         _save_torch(out, folded, result.report, loaded, inputs)
         return None
     options.stage("export + ONNX sweep")
-    exported = export_onnx(folded, inputs, out, simplify=options.simplify)
+    exported = export_onnx(folded, inputs, out, simplify=options.simplify, merge_branches=options.merge_branches)
     result.onnx_report = exported.onnx_report
     result.notes += [f"exported with the {exported.exporter} exporter, opset {exported.opset}", *exported.notes]
     model = onnx.load(str(out))

@@ -13,6 +13,8 @@ __all__ = [
     "FOLDED_INTO_PRECEDING",
     "FOLDED_INTO_PRODUCERS",
     "KEPT",
+    "MERGED_INTO_BRANCH",
+    "MergeEntry",
     "FoldReport",
     "LayerEntry",
     "reason_class",
@@ -21,6 +23,7 @@ __all__ = [
 FOLDED_INTO_PRECEDING = "folded into preceding"
 FOLDED_INTO_FOLLOWING = "folded into following"
 FOLDED_INTO_PRODUCERS = "folded into producers"
+MERGED_INTO_BRANCH = "merged into a parallel conv"
 KEPT = "kept"
 
 
@@ -51,6 +54,21 @@ class LayerEntry:
 
 
 @dataclasses.dataclass
+class MergeEntry:
+    """Parallel branches summed, merged into one convolution.
+
+    Attributes:
+        sum: The sum node the merged layer replaces.
+        branches: The branches merged (convolutions, BNs, ``identity``).
+        into: The convolution that now computes the sum.
+    """
+
+    sum: str
+    branches: list[str]
+    into: str
+
+
+@dataclasses.dataclass
 class FoldReport:
     """The per-BN outcome of one fold pass, plus totals.
 
@@ -58,11 +76,13 @@ class FoldReport:
         method: How the data flow was found (``torch.fx``, ``recorded``, ``onnx``).
         layers: One entry per BN, in graph order.
         notes: Model-level remarks (e.g. the limits of the method used).
+        merges: Parallel branches merged into one convolution.
     """
 
     method: str
     layers: list[LayerEntry] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    merges: list[MergeEntry] = dataclasses.field(default_factory=list)
 
     @property
     def bn_total(self) -> int:
@@ -98,6 +118,7 @@ class FoldReport:
             "bn_folded": self.bn_folded,
             "bn_kept": self.bn_kept,
             "layers": [dataclasses.asdict(layer) for layer in self.layers],
+            "merges": [dataclasses.asdict(merge) for merge in self.merges],
             "notes": list(self.notes),
         }
 
@@ -130,6 +151,7 @@ class FoldReport:
         lines = ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3] for row in rows]
         lines.insert(1, "-" * min(100, sum(widths) + 6 + max(len(row[3]) for row in rows)))
         lines.append(self._totals(verb))
+        lines += [f"merged {m.sum}: {' + '.join(m.branches)} -> {m.into}" for m in self.merges]
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(line.rstrip() for line in lines)
 
@@ -141,6 +163,8 @@ class FoldReport:
         reasons = collections.Counter(reason_class(layer.reason) for layer in self.layers if not layer.folded)
         lines = [self._totals(verb)]
         lines += [f"  {count:>6}  {action.replace('folded', verb)}" for action, count in outcomes.most_common()]
+        if self.merges:
+            lines.append(f"  {len(self.merges):>6}  sums of parallel branches merged into one conv")
         if reasons:
             lines.append("kept, by reason:")
             lines += [f"  {count:>6}  {name}" for name, count in reasons.most_common()]

@@ -548,13 +548,27 @@ def test_bn_after_a_sum_of_two_convs():
     }""".replace("b_,", "bb,")
     inits = _consts(Wa=(4, 3, 3, 3), Ba=(4,), Wb=(4, 3, 1, 1)) + _consts(1, s=(4,), bb=(4,), m=(4,), v=(4,))
     folded, report = _check(_model(text, inits), {"x": _x(2, 3, 5, 5)}, folded_count=1)
-    assert report.layers[0].action == "folded into producers" and _ops(folded) == ["Conv", "Conv", "Add"]
+    assert report.layers[0].action == "folded into producers"
+    assert _ops(folded) == ["Conv"] and len(report.merges) == 1  # then the two parallel convs merge into one
+
+
+def test_bn_after_conv_plus_its_own_input_folds_once_the_branches_merge():
+    text = """<ir_version: 8, opset_import: ["" : OPSET]>
+    g (float[2,4,5,5] x) => (float[2,4,5,5] y) {
+      a = Conv <pads=[1,1,1,1]> (x, Wa)
+      s2 = Add (a, x)
+      y = BatchNormalization (s2, s, bb, m, v)
+    }"""
+    inits = _consts(Wa=(4, 4, 3, 3)) + _consts(1, s=(4,), bb=(4,), m=(4,), v=(4,))
+    folded, report = _check(_model(text, inits), {"x": _x(2, 4, 5, 5)}, folded_count=1)
+    assert _ops(folded) == ["Conv"] and report.merges[0].branches == ["Conv 'a'", "identity"]
 
 
 def test_bn_after_a_residual_sum_is_kept():
     text = """<ir_version: 8, opset_import: ["" : OPSET]>
     g (float[2,4,5,5] x) => (float[2,4,5,5] y) {
-      a = Conv <pads=[1,1,1,1]> (x, Wa)
+      r = Relu (x)
+      a = Conv <pads=[1,1,1,1]> (r, Wa)
       s2 = Add (a, x)
       y = BatchNormalization (s2, s, bb, m, v)
     }"""

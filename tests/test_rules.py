@@ -81,7 +81,7 @@ def _sum3(m, x):
 
 
 def _sum_input(m, x):
-    return m.bn(m.a(x) + x)
+    return m.bn(m.a(torch.relu(x)) + x)  # not parallel branches of one tensor, so no merge either
 
 
 def _sum3_inner_read(m, x):
@@ -123,7 +123,7 @@ def _shared_bn(m, x):
 
 
 def _shared_bn_twin(m, x):
-    return m.bn(m.a(x)) + m.bn(x)
+    return m.bn(m.a(torch.relu(x))) + m.bn(x)
 
 
 def _linear_cat(dim):

@@ -154,6 +154,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     simplify: bool = False,
     exporter: str = "auto",
+    merge_branches: bool = True,
 ) -> ExportResult:
     """Export ``model`` to ONNX, fold what the export left, and write it atomically.
 
@@ -165,6 +166,8 @@ def export_onnx(
         dynamic_batch: Make axis 0 of every input dynamic.
         simplify: Run onnx-simplifier and keep its result only if it verifies.
         exporter: ``auto`` (dynamo, falling back to TorchScript), ``dynamo`` or ``torchscript``.
+        merge_branches: Merge parallel branches summed into one conv in the export
+            (see :func:`bnfold.fold_onnx`).
 
     Returns:
         What was written and how.
@@ -194,7 +197,7 @@ def export_onnx(
         except Exception as error:  # noqa: BLE001
             first = first_line(error)
             raise BnfoldError(f"ONNX export failed: {first}") from None
-    proto, onnx_report = fold_onnx(proto)
+    proto, onnx_report = fold_onnx(proto, merge_branches=merge_branches)
     simplified = False
     if simplify:
         result = _simplify(proto, inputs, notes)

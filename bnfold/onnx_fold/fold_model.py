@@ -7,6 +7,7 @@ constant computations are dropped; the result must pass ``onnx.checker``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -20,7 +21,7 @@ from bnfold.onnx_fold.files import load_onnx, uses_external_data, without_field
 from bnfold.onnx_fold.graph import GraphIndex, names_read, subgraphs
 from bnfold.onnx_fold.onnx_view import OnnxView
 from bnfold.onnx_fold.tensors import check_model_tensors
-from bnfold.report import FoldReport, LayerEntry
+from bnfold.report import FoldReport, LayerEntry, MergeEntry
 from bnfold.rules import RULES, fold_graph
 
 __all__ = ["fold_onnx"]
@@ -46,29 +47,34 @@ def _value_types(
             _value_types(sub, ranks, dtypes, shapes)
 
 
-def _fold_graph(
-    graph: onnx.GraphProto,
-    outer: GraphIndex | None,
-    ranks: dict[str, int],
-    dtypes: dict[str, int],
-    shapes: dict[str, tuple[int | None, ...]],
-    entries: list[LayerEntry],
-    opset: int,
-    allow_initializer_inputs: bool,
-    names: set[str],
-) -> None:
-    index = GraphIndex(graph, outer, ranks, dtypes, allow_initializer_inputs)
-    index.shapes = shapes
-    index.names |= names
-    view = OnnxView(index, opset)
-    bn_entries = fold_graph(view, RULES, extra=view.fold_decomposed_all)
+@dataclasses.dataclass
+class _Context:
+    """What every graph of one model shares while it is folded."""
+
+    ranks: dict[str, int]
+    dtypes: dict[str, int]
+    shapes: dict[str, tuple[int | None, ...]]
+    opset: int
+    allow_initializer_inputs: bool
+    merge_branches: bool
+    names: set[str]
+    entries: list[LayerEntry] = dataclasses.field(default_factory=list)
+    merges: list[MergeEntry] = dataclasses.field(default_factory=list)
+
+
+def _fold_graph(graph: onnx.GraphProto, outer: GraphIndex | None, context: _Context) -> None:
+    index = GraphIndex(graph, outer, context.ranks, context.dtypes, context.allow_initializer_inputs)
+    index.shapes = context.shapes
+    index.names |= context.names
+    view = OnnxView(index, context.opset)
+    bn_entries, merges = fold_graph(view, RULES, extra=view.fold_decomposed_all, merge=context.merge_branches)
     index.compact()
-    entries.extend(view.decomposed)
-    entries.extend(bn_entries)
-    names |= index.names
+    context.entries += view.decomposed + bn_entries
+    context.merges += merges
+    context.names |= index.names
     for node in graph.node:
         for sub in subgraphs(node):
-            _fold_graph(sub, index, ranks, dtypes, shapes, entries, opset, allow_initializer_inputs, names)
+            _fold_graph(sub, index, context)
 
 
 def _clean(graph: onnx.GraphProto, read_outside: set[str]) -> None:
@@ -120,6 +126,7 @@ def fold_onnx(
     *,
     allow_initializer_inputs: bool = False,
     copy: bool = True,
+    merge_branches: bool = True,
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every foldable BatchNormalization of an ONNX model.
 
@@ -132,6 +139,8 @@ def fold_onnx(
             override them at run time, and BNs that need them are kept.
         copy: Fold a copy of a given ModelProto (the default); False folds it in
             place, which saves a copy of a large model.
+        merge_branches: Also merge parallel convolution / BN / identity branches that are
+            summed into one convolution (structural reparameterization, e.g. RepVGG blocks).
 
     Returns:
         ``(folded, report)``; ``folded`` passes ``onnx.checker`` (full check).
@@ -160,9 +169,8 @@ def fold_onnx(
         _value_types(inferred.graph, ranks, dtypes, shapes)
     except Exception as error:  # noqa: BLE001 - inference is a help, not a requirement
         notes.append(f"shape inference failed ({type(error).__name__}): MatMul folds that need ranks are refused")
-    entries: list[LayerEntry] = []
-    names = _all_names(proto.graph)
-    _fold_graph(proto.graph, None, ranks, dtypes, shapes, entries, opset, allow_initializer_inputs, names)
+    context = _Context(ranks, dtypes, shapes, opset, allow_initializer_inputs, merge_branches, _all_names(proto.graph))
+    _fold_graph(proto.graph, None, context)
     if allow_initializer_inputs:
         initializers = {t.name for t in proto.graph.initializer}
         kept = [i for i in proto.graph.input if i.name not in initializers]
@@ -176,7 +184,7 @@ def fold_onnx(
         onnx.checker.check_model(proto, full_check=True)
     else:  # the checker would serialise every weight: check the structure (tensors are checked by bnfold itself)
         onnx.checker.check_model(_skeleton(proto), full_check=True)
-    report = FoldReport("onnx", entries, notes)
+    report = FoldReport("onnx", context.entries, notes, context.merges)
     logger.info("folded %d of %d BatchNorm(s)", report.bn_folded, report.bn_total)
     return proto, report
 

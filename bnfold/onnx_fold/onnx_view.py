@@ -31,7 +31,8 @@ from bnfold.affine import (
 )
 from bnfold.onnx_fold.graph import FLOAT_DTYPES, Encoded, GraphIndex, to_float64
 from bnfold.report import FOLDED_INTO_PRECEDING, LayerEntry
-from bnfold.rules.view import ANY_RANK, BNSite, Layer, Op, OpKind, Staged
+from bnfold.rules.merge_branches import MergePlan
+from bnfold.rules.view import ANY_RANK, BNSite, ConvGeometry, Layer, Op, OpKind, Staged
 
 __all__ = ["OnnxView"]
 
@@ -97,6 +98,24 @@ class _Layer:
         return dtype
 
 
+def _geometry(node: onnx.NodeProto, weight: np.ndarray) -> ConvGeometry | None:
+    """A Conv's kernel, stride, dilation and explicit padding (None for SAME auto-padding)."""
+    kernel = tuple(int(k) for k in weight.shape[2:])
+    n = len(kernel)
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        return None
+    pads = list(_attr(node, "pads", None) or [0] * 2 * n) if auto_pad == "NOTSET" else [0] * 2 * n
+    return ConvGeometry(
+        kernel,
+        tuple(_attr(node, "strides", None) or [1] * n),
+        tuple(_attr(node, "dilations", None) or [1] * n),
+        tuple(pads[:n]),
+        tuple(pads[n:]),
+    )
+
+
 class OnnxView:
     """One ONNX graph (its index updated in place by every rewrite) as a graph view."""
 
@@ -158,6 +177,7 @@ class OnnxView:
             out_channels=output_channels(state.weight, state.layout, state.groups),
             in_channels=input_channels(state.weight, state.layout, state.groups),
             state=state,
+            geometry=_geometry(layer, state.weight) if layer.op_type == "Conv" else None,
         )
 
     def _match_layer(self, node: onnx.NodeProto | None, *, allow_add: bool = True) -> _Layer:
@@ -530,6 +550,29 @@ class OnnxView:
     def settle(self) -> None:
         """Drop results of refused attempts."""
         self._rounded.clear()
+
+    # -- merging parallel branches ------------------------------------------------------------
+
+    def nodes(self) -> list[onnx.NodeProto]:
+        """The live nodes, in order."""
+        return list(self.index.nodes())
+
+    def weights(self, layer: Layer) -> tuple[np.ndarray, np.ndarray | None]:
+        """The exact current weight and bias (float64 where an earlier fold wrote them)."""
+        state: _Layer = layer.state
+        weight = state.weight64 if state.weight64 is not None else state.weight
+        return weight, state.bias64 if state.bias is not None else None
+
+    def merge(self, plan: MergePlan) -> None:
+        """The kept Conv gets the merged weights and writes the sum's output; the other branches go."""
+        state: _Layer = plan.keep.state
+        self.check_weight_dtype_matches(state)
+        weight, bias = self.round(plan.weight, state), self.round(plan.bias, state)  # may refuse: nothing changed yet
+        for node in plan.removed:
+            self.remove(node)
+        self.index.set_output(state.node, 0, plan.total.output)
+        self.write_weight(state, weight, [])
+        self.write_bias(state, bias)
 
     def flattens_channels(self, node: onnx.NodeProto | None, value: str) -> bool:
         """Whether ``node`` turns ``value`` (N, C, ...) into (N, C * ...): Flatten(axis=1), or a Reshape to that."""

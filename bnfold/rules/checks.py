@@ -7,7 +7,16 @@ import numpy as np
 from bnfold.affine import Affine, FoldRefused
 from bnfold.rules.view import BNSite, GraphView, Layer, Node, Op, OpKind, Value
 
-__all__ = ["check_channel_axis", "only_reader", "pool_notes", "pools_after", "pools_before", "reached_before"]
+__all__ = [
+    "check_channel_axis",
+    "only_reader",
+    "pool_notes",
+    "pools_after",
+    "pools_before",
+    "reached_before",
+    "sum_nodes",
+    "summands",
+]
 
 
 def only_reader(view: GraphView, value: Value, reader: Node, who: str) -> None:
@@ -99,3 +108,30 @@ def reached_before(view: GraphView, node: Node) -> Op | None:
 def pool_notes(pools: list[Op]) -> list[str]:
     """The report's notes for the pools a BN was moved through."""
     return [f"through {op.label}" for op in pools]
+
+
+def summands(view: GraphView, op: Op) -> list[tuple[Value, Node]]:
+    """The tensors a (nested) sum adds, each with the sum node that reads it.
+
+    An inner sum counts as part of the outer one when the outer sum is its only reader.
+    """
+    found: list[tuple[Value, Node]] = []
+    for value in op.inputs:
+        producer = view.producer(value)
+        inner = view.op(producer) if producer is not None else None
+        if inner is not None and inner.kind is OpKind.SUM and view.readers(value) == [op.node]:
+            found += summands(view, inner)
+        else:
+            found.append((value, op.node))
+    return found
+
+
+def sum_nodes(view: GraphView, op: Op) -> list[Node]:
+    """The sum nodes :func:`summands` walks through, outermost first."""
+    found = [op.node]
+    for value in op.inputs:
+        producer = view.producer(value)
+        inner = view.op(producer) if producer is not None else None
+        if inner is not None and inner.kind is OpKind.SUM and view.readers(value) == [op.node]:
+            found += sum_nodes(view, inner)
+    return found

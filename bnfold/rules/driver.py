@@ -6,9 +6,10 @@ import logging
 from collections.abc import Callable, Sequence
 
 from bnfold.affine import FoldRefused
-from bnfold.report import FOLDED_INTO_PRODUCERS, KEPT, LayerEntry
+from bnfold.report import FOLDED_INTO_PRODUCERS, KEPT, MERGED_INTO_BRANCH, LayerEntry, MergeEntry
+from bnfold.rules.merge_branches import check_merge, merge_candidates
 from bnfold.rules.rule import Plan, Rule
-from bnfold.rules.view import BNSite, GraphView, Node
+from bnfold.rules.view import BNSite, GraphView, MergingView, Node
 
 __all__ = ["fold_graph"]
 
@@ -60,18 +61,42 @@ def _try_site(view: GraphView, site: BNSite, rules: Sequence[Rule]) -> bool:
     return True
 
 
-def fold_graph(view: GraphView, rules: Sequence[Rule], *, extra: Callable[[], bool] | None = None) -> list[LayerEntry]:
+def _merge_round(view: MergingView, sites: list[BNSite], merges: list[MergeEntry]) -> bool:
+    """Merge every sum of parallel branches that merges exactly; whether any did."""
+    by_node = {id(node): site for site in sites for node in site.nodes}
+    changed = False
+    for total in merge_candidates(view):
+        try:
+            plan = check_merge(view, total)
+            view.merge(plan)  # refuses (rounding) before it changes anything
+        except FoldRefused as refused:
+            logger.debug("not merged: %s", refused)
+            continue
+        for node in plan.bn_nodes:
+            entry = by_node[id(node)].entry
+            entry.action, entry.targets, entry.reason = MERGED_INTO_BRANCH, [plan.keep.name], ""
+            entry.notes.append(f"a branch of {total.label}")
+        merges.append(MergeEntry(total.label, plan.branches, plan.keep.name))
+        changed = True
+    return changed
+
+
+def fold_graph(
+    view: GraphView, rules: Sequence[Rule], *, extra: Callable[[], bool] | None = None, merge: bool = False
+) -> tuple[list[LayerEntry], list[MergeEntry]]:
     """Fold every BN of ``view`` with ``rules``, repeating until nothing changes.
 
     Args:
         view: The graph.
         rules: Tried in order; per side (``before``, then ``after``) the first that matches is checked.
         extra: A graph kind's own step, run once per round; returns whether it changed anything.
+        merge: Also merge sums of parallel branches (the view must be a :class:`MergingView`).
 
     Returns:
-        One report entry per BN, in graph order.
+        One report entry per BN, in graph order, and the merges made.
     """
     sites = view.sites()
+    merges: list[MergeEntry] = []
     changed = True
     while changed:
         changed = False
@@ -81,5 +106,7 @@ def fold_graph(view: GraphView, rules: Sequence[Rule], *, extra: Callable[[], bo
             view.settle()
         if extra is not None and extra():
             changed = True
+        if merge and _merge_round(view, sites, merges):
+            changed = True
     logger.debug("%d of %d BN folded", sum(s.entry.folded for s in sites), len(sites))
-    return [site.entry for site in sites]
+    return [site.entry for site in sites], merges

@@ -12,24 +12,11 @@ import numpy as np
 
 from bnfold.affine import Affine, FoldRefused
 from bnfold.report import FOLDED_INTO_PRODUCERS
-from bnfold.rules.checks import check_channel_axis, only_reader, pool_notes, pools_before, reached_before
+from bnfold.rules.checks import check_channel_axis, only_reader, pool_notes, pools_before, reached_before, summands
 from bnfold.rules.rule import Plan, Rule
-from bnfold.rules.view import BNSite, GraphView, Layer, Node, Op, OpKind, Value
+from bnfold.rules.view import BNSite, GraphView, Layer, Node, OpKind
 
 __all__ = ["IntoSumProducers"]
-
-
-def _summands(view: GraphView, op: Op) -> list[tuple[Value, Node]]:
-    """The tensors a (nested) sum adds, each with the sum node that reads it."""
-    found: list[tuple[Value, Node]] = []
-    for value in op.inputs:
-        producer = view.producer(value)
-        inner = view.op(producer) if producer is not None else None
-        if inner is not None and inner.kind is OpKind.SUM and view.readers(value) == [op.node]:
-            found += _summands(view, inner)
-        else:
-            found.append((value, op.node))
-    return found
 
 
 class IntoSumProducers(Rule):
@@ -49,17 +36,17 @@ class IntoSumProducers(Rule):
         value, reader, pools = pools_before(view, view.bn_input(node), node, affine)
         total = view.op(view.producer(value))
         only_reader(view, value, reader, total.label)
-        summands = _summands(view, total)
-        if len({v for v, _ in summands}) != len(summands):
+        parts = summands(view, total)
+        if len({v for v, _ in parts}) != len(parts):
             raise FoldRefused(f"{total.label} adds one tensor more than once")
-        ranks = {view.rank(v) for v, _ in summands} | {view.rank(value)}
+        ranks = {view.rank(v) for v, _ in parts} | {view.rank(value)}
         if None in ranks or len(ranks) != 1:
             raise FoldRefused(
                 f"{total.label} adds tensors of different or unknown ranks, so their channels may not align "
                 f"({view.shape_hint})"
             )
         layers: list[Layer] = []
-        for part, reader_node in summands:
+        for part, reader_node in parts:
             layer = view.layer(view.producer(part))
             if any(layer.node is other.node for other in layers):
                 raise FoldRefused(f"{layer.label} feeds {total.label} twice")

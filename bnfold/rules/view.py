@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from bnfold.affine import Affine, FoldRefused, Layout
 from bnfold.report import LayerEntry
 
-__all__ = ["ANY_RANK", "BNSite", "GraphView", "Layer", "Op", "OpKind", "Staged"]
+__all__ = ["ANY_RANK", "BNSite", "ConvGeometry", "GraphView", "Layer", "Op", "OpKind", "Staged"]
 
 ANY_RANK = frozenset(range(1, 9))
 
@@ -61,6 +61,18 @@ class Op:
     axis: int | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """Where a convolution's kernel reads its input, per spatial dim (for merging parallel branches)."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pads_begin: tuple[int, ...]
+    pads_end: tuple[int, ...]
+    zero_padding: bool = True  # False: reflect / replicate / circular padding
+
+
 @dataclasses.dataclass(eq=False)
 class Layer:
     """A linear node whose constant weight can absorb a per-channel affine map.
@@ -79,6 +91,7 @@ class Layer:
         out_channels: Channels it writes.
         in_channels: Channels (features) it reads.
         state: Whatever the view needs to read and write its weights.
+        geometry: Kernel, stride, dilation and padding of a convolution, where the view knows them.
     """
 
     node: Node
@@ -94,6 +107,7 @@ class Layer:
     out_channels: int
     in_channels: int
     state: Any = None
+    geometry: ConvGeometry | None = None
 
     def channel_axis(self, rank: int) -> int:
         """The axis holding this layer's channels in a tensor of ``rank``."""
@@ -184,3 +198,19 @@ class GraphView(Protocol):
 
     def settle(self) -> None:
         """Called after every attempt: drop scratch results, write what no later fold can change."""
+
+
+class MergingView(GraphView, Protocol):
+    """A graph view that can also merge parallel branches (:mod:`bnfold.rules.merge_branches`)."""
+
+    def nodes(self) -> list[Node]:
+        """Every node, in graph order."""
+
+    def bn_affine(self, node: Node) -> Affine:
+        """A BN node's inference map; raises FoldRefused when it has none."""
+
+    def weights(self, layer: Layer) -> tuple[Any, Any]:
+        """A layer's current weight and bias (float64 where a fold left exact values; bias may be None)."""
+
+    def merge(self, plan: Any) -> None:  # noqa: ANN401 - a MergePlan
+        """Give ``plan.keep`` the merged weights, let it write the sum's output, and drop the other branches."""

@@ -318,7 +318,7 @@ def fold_exported(gm: fx.GraphModule) -> tuple[fx.GraphModule, FoldReport]:
         The module and a report: one entry per aten batch_norm.
     """
     view = AtenView(gm)
-    entries = fold_graph(view, RULES)
+    entries, _ = fold_graph(view, RULES)
     view.write()
     gm.graph.eliminate_dead_code()
     gm.graph.lint()

@@ -43,7 +43,7 @@ def _as_tuple(example_inputs: Any) -> tuple | None:  # noqa: ANN401 - a tensor, 
 def _fold_flow(model: nn.Module, flow: DataFlow) -> tuple[nn.Module, list[LayerEntry]]:
     """Run every rule over the model's data flow; write the folded layers; list BN modules forward never calls."""
     view = ModuleView(model, flow)
-    entries = fold_graph(view, RULES)
+    entries, _ = fold_graph(view, RULES)
     flushed = view.write_all()
     by_name = {name: id(m) for name, m in flow.modules.items()}
     for entry in entries:

@@ -1,0 +1,135 @@
+"""Structural reparameterization: bnfold's branch merge beside each family's own ``reparameterize``.
+
+Usage (needs .venv-zoo, made by scripts/zoo_env.sh: torch 2.14 + timm):
+
+    .venv-zoo/bin/python benchmarks/reparam.py                 # every RepVGG and MobileOne variant in timm
+    .venv-zoo/bin/python benchmarks/reparam.py --models repvgg_a0,mobileone_s0 --size 64
+
+Per model, in its training-time form (random weights, randomised BN statistics): the ONNX export
+with every BN kept (TorchScript exporter), then ``bnfold.fold_onnx`` on it, beside timm's
+``reparameterize_model`` exported the same way. Columns: BN and Conv count of the training
+form, of bnfold's result and of timm's; max error of each against the float64 training-form
+model, beside the training form's own float32 error; bnfold's fold seconds; and ONNX Runtime
+(CPU, its default optimisations, 2 threads) latency of bnfold's result against timm's, as a
+ratio with its 95% interval from interleaved rounds (``bnfold.deploy.ab``). Writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bnfold.deploy.ab import compare_models  # noqa: E402
+from bnfold.deploy.export import export_keeping_bn  # noqa: E402
+from bnfold.deploy.onnx_reference import run_ort  # noqa: E402
+from bnfold.onnx_fold import fold_onnx  # noqa: E402
+from bnfold.zoo import randomize_batchnorm  # noqa: E402
+
+
+def _count(model, op: str) -> int:
+    return sum(n.op_type == op for n in model.graph.node)
+
+
+def _error(model, x: np.ndarray, truth: np.ndarray) -> float:
+    got = run_ort(model, {"input": x})[0]
+    return float(np.abs(got - truth).max() / np.abs(truth).max())
+
+
+def run_one(name: str, size: int, rounds: int, iterations: int) -> dict:
+    """One model: export, fold, timm's reparameterization, errors and latency."""
+    import timm
+    from timm.utils.model import reparameterize_model
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(timm.create_model(name, pretrained=False), seed=1).eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        truth = copy.deepcopy(model).double()(x.double()).numpy()
+    trained = export_keeping_bn(model, x, dynamic_batch=False)
+    start = time.perf_counter()
+    folded, report = fold_onnx(trained)
+    fold_s = time.perf_counter() - start
+    theirs = export_keeping_bn(reparameterize_model(copy.deepcopy(model)), x, dynamic_batch=False)
+    xn = x.numpy()
+    row = {
+        "model": name,
+        "input": [1, 3, size, size],
+        "bn_train": _count(trained, "BatchNormalization"),
+        "conv_train": _count(trained, "Conv"),
+        "bn_bnfold": _count(folded, "BatchNormalization"),
+        "conv_bnfold": _count(folded, "Conv"),
+        "bn_timm": _count(theirs, "BatchNormalization"),
+        "conv_timm": _count(theirs, "Conv"),
+        "merges": len(report.merges),
+        "err_own": _error(trained, xn, truth),
+        "err_bnfold": _error(folded, xn, truth),
+        "err_timm": _error(theirs, xn, truth),
+        "fold_s": round(fold_s, 3),
+    }
+    ab = compare_models(theirs, folded, runtimes=("ort-cpu-opt",), iterations=iterations, rounds=rounds, threads=2)
+    ab_row = ab.rows[0].to_dict()
+    row["latency"] = ab_row
+    return row
+
+
+def _latency_text(row: dict) -> str:
+    lat = row.get("latency") or {}
+    if "speedup" not in lat:
+        return "-"
+    text = f"{lat['speedup']:.2f}x [{lat['low']:.2f}, {lat['high']:.2f}] {lat['verdict']}"
+    return text + (f" (noisy: {lat['noisy']})" if lat.get("noisy") else "")
+
+
+def main() -> None:
+    """Run the table and write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", help="comma-separated timm names (default: every repvgg* and mobileone*)")
+    parser.add_argument("--size", type=int, default=96, help="input height and width")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--json", default=str(Path(__file__).with_name("reparam.json")))
+    args = parser.parse_args()
+    import timm
+
+    names = args.models.split(",") if args.models else timm.list_models("repvgg*") + timm.list_models("mobileone*")
+    warnings.filterwarnings("ignore")
+    rows = []
+    header = (
+        f"{'model':<16} {'BN':>4} {'conv':>5} | {'bnfold BN':>9} {'conv':>5} | {'timm BN':>7} {'conv':>5} | "
+        f"{'err own':>9} {'bnfold':>9} {'timm':>9} | {'fold s':>6} | ORT latency, timm's time / bnfold's"
+    )
+    print(header)
+    for name in names:
+        try:
+            row = run_one(name, args.size, args.rounds, args.iterations)
+        except Exception as error:  # noqa: BLE001 - one model's failure is a row, not the end of the table
+            row = {"model": name, "error": f"{type(error).__name__}: {error}"[:200]}
+            print(f"{name:<16} failed: {row['error']}", flush=True)
+            rows.append(row)
+            continue
+        rows.append(row)
+        print(
+            f"{name:<16} {row['bn_train']:>4} {row['conv_train']:>5} | {row['bn_bnfold']:>9} {row['conv_bnfold']:>5} | "
+            f"{row['bn_timm']:>7} {row['conv_timm']:>5} | {row['err_own']:>9.2e} {row['err_bnfold']:>9.2e} "
+            f"{row['err_timm']:>9.2e} | {row['fold_s']:>6.2f} | {_latency_text(row)}",
+            flush=True,
+        )
+    Path(args.json).write_text(json.dumps({"size": args.size, "rows": rows}, indent=2))
+    ok = [r for r in rows if "error" not in r]
+    same = sum(r["bn_bnfold"] == r["bn_timm"] == 0 and r["conv_bnfold"] == r["conv_timm"] for r in ok)
+    print(f"\n{len(ok)} of {len(rows)} ran; {same} reach 0 BN and timm's conv count")
+    print(f"worst bnfold error / own error: {max((r['err_bnfold'] / r['err_own'] for r in ok), default=0):.2f}")
+
+
+if __name__ == "__main__":
+    main()
