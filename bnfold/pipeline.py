@@ -319,7 +319,10 @@ def _run_torch(loaded: Loaded, path: str, out: Path | None, options: _Options) -
             raise BnfoldError(f"{flag} needs an input shape (--input-shape 1,3,224,224); nothing was written")
     _check_inputs(model, inputs, path)
     options.stage("fold (PyTorch pass)")
-    folded, report = fold_torchscript(model) if is_script_module(model) else fold_torch(model, inputs)
+    if is_script_module(model):
+        folded, report = fold_torchscript(model)
+    else:
+        folded, report = fold_torch(model, inputs, merge_branches=options.merge_branches)
     result = PipelineResult(loaded.format, report)
     exported = _write_torch_result(result, out, folded, loaded, inputs, options) if out is not None else None
     if options.do_verify:

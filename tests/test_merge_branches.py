@@ -187,3 +187,20 @@ def test_exported_repvgg_stack_merges_every_block():
         truth = model.double()(x.double()).numpy()
     got = run_ort(folded, {"input": x.numpy()})[0]
     assert np.abs(got - truth).max() <= 2e-6 * np.abs(truth).max()
+
+
+def test_torch_export_program_merges_every_block():
+    import bnfold
+
+    model = randomize_batchnorm(nn.Sequential(_RepVGGBlock(), _RepVGGBlock(stride=2), _RepVGGBlock()), 3).eval()
+    x = torch.randn(2, 4, 8, 8)
+    program = torch.export.export(model, (x,)).module()
+    folded, report = bnfold.fold(program)
+    assert report.method == "torch.export" and report.bn_kept == 0 and len(report.merges) == 3, str(report)
+    targets = [str(n.target) for n in folded.graph.nodes if n.op == "call_function"]
+    assert not any("batch_norm" in t for t in targets) and targets.count("aten.conv2d.default") == 3
+    with torch.no_grad():
+        truth = model.double()(x.double())
+        assert float((folded(x).double() - truth).abs().max()) <= 2e-6 * float(truth.abs().max())
+    _, kept = bnfold.fold(torch.export.export(model, (x,)).module(), merge_branches=False)
+    assert not kept.merges and kept.bn_kept == 2  # the identity BNs of the stride-1 blocks

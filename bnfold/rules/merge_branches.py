@@ -92,7 +92,7 @@ def check_merge(view: GraphView, total: Op) -> MergePlan:
             layer = view.layer(producer)
             branch_input = layer.data_input
         elif op is not None and op.kind is OpKind.BATCH_NORM:
-            affine = view.bn_affine(producer)
+            affine = view.bn_affine(op.node)
             branch_input = op.inputs[0]
         else:
             branch_input = value  # the tensor itself: an identity branch
@@ -105,7 +105,7 @@ def check_merge(view: GraphView, total: Op) -> MergePlan:
         if op is not None and op.kind is OpKind.LAYER:
             layers.append((value, layer))
         elif op is not None and op.kind is OpKind.BATCH_NORM:
-            affines.append((value, affine, producer))
+            affines.append((value, affine, op.node))
         else:
             affines.append((value, None, None))
     if not layers:

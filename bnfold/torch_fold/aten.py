@@ -31,7 +31,8 @@ from bnfold.affine import (
 )
 from bnfold.report import FoldReport, LayerEntry
 from bnfold.rules import RULES, fold_graph
-from bnfold.rules.view import ANY_RANK, BNSite, Layer, Op, OpKind, Staged
+from bnfold.rules.merge_branches import MergePlan
+from bnfold.rules.view import ANY_RANK, BNSite, ConvGeometry, Layer, Op, OpKind, Staged
 
 __all__ = ["fold_exported", "has_aten_batch_norm"]
 
@@ -85,6 +86,24 @@ def _avg_pool_exact(node: fx.Node) -> bool:
     if divisor is not None:
         return False
     return count_include_pad is False or not any(padding)
+
+
+def _geometry(node: fx.Node, weight: torch.Tensor) -> ConvGeometry | None:
+    """An aten convolution's kernel, stride, dilation and padding (None for string padding)."""
+    kernel = tuple(int(k) for k in weight.shape[2:])
+    n = len(kernel)
+
+    def ints(index: int, default: int) -> tuple[int, ...] | None:
+        value = node.args[index] if len(node.args) > index else default
+        if isinstance(value, str):
+            return None
+        values = [int(v) for v in (value if isinstance(value, list | tuple) else [value])]
+        return tuple(values * n if len(values) == 1 else values)
+
+    stride, padding, dilation = ints(3, 1), ints(4, 0), ints(5, 1)
+    if stride is None or padding is None or dilation is None:
+        return None
+    return ConvGeometry(kernel, stride, dilation, padding, padding)
 
 
 class AtenView:
@@ -189,10 +208,17 @@ class AtenView:
             return Op(node, OpKind.LAYER, [node.args[0]], node, label)
         if target in _BN:
             return Op(node, OpKind.BATCH_NORM, [self.bn_input(node)], self.bn_output(node), label)
+        native_output = target is operator.getitem and getattr(node.args[0], "target", None) is _NATIVE_BN
+        if native_output and node.args[1] == 0:  # the normalised result of the native op: the BN itself
+            bn = node.args[0]
+            return Op(bn, OpKind.BATCH_NORM, [self.bn_input(bn)], node, bn.name)
         if target is aten.cat.default:
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             return Op(node, OpKind.CONCAT, list(node.args[0]), node, label, axis=dim)
         plain_add = target is aten.add.Tensor and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1
+        # ``a += b``: a sum too, when nothing else reads the ``a`` it overwrites
+        in_place = target is aten.add_.Tensor and len(node.args) == 2 and not node.kwargs
+        plain_add = plain_add or (in_place and isinstance(node.args[0], fx.Node) and list(node.args[0].users) == [node])
         if plain_add and all(isinstance(a, fx.Node) for a in node.args):
             return Op(node, OpKind.SUM, list(node.args), node, label)
         if target in _RESHAPES and _flattens_channels(node):
@@ -245,6 +271,7 @@ class AtenView:
             out_channels=output_channels(weight, layout, int(groups)),
             in_channels=input_channels(weight, layout, int(groups)),
             state=(weight_node, bias_node, weight.dtype),
+            geometry=_geometry(node, weight) if layout is Layout.CONV and spatial else None,
         )
 
     # -- writing -------------------------------------------------------------------------
@@ -279,11 +306,40 @@ class AtenView:
             self.staged[id(item.layer.node)] = item
 
     def remove_bn(self, site: BNSite, node: fx.Node) -> None:
-        """BN's readers read its input (the node itself goes with dead-code elimination)."""
+        """BN's readers read its input; the BN node (and a native BN's getitems) go at once."""
         self.bn_output(node).replace_all_uses_with(self.bn_input(node))
+        self._erase_dead([node])
+
+    def _erase_dead(self, nodes: list[fx.Node]) -> None:
+        """Erase ``nodes`` (and the getitems that read them) once nothing reads them, readers first."""
+        dead = list(nodes) + [u for n in nodes for u in n.users if u.target is operator.getitem]
+        while erasable := [n for n in dead if not n.users]:
+            for node in erasable:
+                self.gm.graph.erase_node(node)
+                dead.remove(node)
 
     def settle(self) -> None:
         """Nothing to drop: results are written by :meth:`write`."""
+
+    # -- merging parallel branches ------------------------------------------------------------
+
+    def nodes(self) -> list[fx.Node]:
+        """The aten calls, in order."""
+        return [n for n in self.gm.graph.nodes if n.op == "call_function"]
+
+    def bn_affine(self, node: fx.Node) -> Affine:
+        """A batch_norm's inference map."""
+        return self._affine(node)
+
+    def weights(self, layer: Layer) -> tuple[Any, Any]:
+        """Float64 where a fold staged it, else the attribute tensors."""
+        return self._current(layer)
+
+    def merge(self, plan: MergePlan) -> None:
+        """The kept convolution gets the merged weights; the sum's readers read it; the rest is dead code."""
+        self.commit([self._stage(plan.keep, plan.weight, plan.bias)])  # refuses overflow before any change
+        plan.total.output.replace_all_uses_with(plan.keep.node)
+        self._erase_dead(plan.removed)
 
     def write(self) -> None:
         """Round each folded layer once and give it its parameters."""
@@ -311,16 +367,18 @@ class AtenView:
         layer.args = tuple(args)
 
 
-def fold_exported(gm: fx.GraphModule) -> tuple[fx.GraphModule, FoldReport]:
+def fold_exported(gm: fx.GraphModule, *, merge_branches: bool = True) -> tuple[fx.GraphModule, FoldReport]:
     """Fold the BNs of a torch.export GraphModule (changed in place) with every rule.
+
+    ``merge_branches``: also merge parallel branches summed into one convolution.
 
     Returns:
         The module and a report: one entry per aten batch_norm.
     """
     view = AtenView(gm)
-    entries, _ = fold_graph(view, RULES)
+    entries, merges = fold_graph(view, RULES, merge=merge_branches)
     view.write()
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    return gm, FoldReport("torch.export", entries)
+    return gm, FoldReport("torch.export", entries, merges=merges)

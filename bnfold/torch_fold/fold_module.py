@@ -85,6 +85,7 @@ def fold(
     example_inputs: Any = None,
     *,
     inplace: bool = False,
+    merge_branches: bool = True,
 ) -> tuple[nn.Module, FoldReport]:
     """Fold every foldable BatchNorm of ``model`` into a neighbouring Conv/Linear.
 
@@ -94,6 +95,8 @@ def fold(
             for models torch.fx can trace; it also proves channel axes where only
             shapes can (Linear next to BatchNorm1d).
         inplace: Modify ``model`` itself instead of a deep copy.
+        merge_branches: For a torch.export program, also merge parallel branches summed into
+            one convolution (RepVGG-style blocks). Modules do not merge yet.
 
     Returns:
         ``(folded, report)``: the folded model in eval mode (a
@@ -115,7 +118,7 @@ def fold(
             "or pass inplace=True"
         ) from None
     if has_aten_batch_norm(work):  # a torch.export program: aten functions, not modules
-        return fold_exported(work)
+        return fold_exported(work, merge_branches=merge_branches)
     work.eval()
     inputs = _as_tuple(example_inputs)
     notes: list[str] = []
