@@ -322,7 +322,9 @@ def _run_torch(loaded: Loaded, path: str, out: Path | None, options: _Options) -
     if is_script_module(model):
         folded, report = fold_torchscript(model)
     else:
-        folded, report = fold_torch(model, inputs, merge_branches=options.merge_branches)
+        # a .pt / .safetensors output is the architecture's own state_dict: merged blocks would not load into it
+        merge = options.merge_branches and (out is None or out.suffix in (".onnx", ".pt2"))
+        folded, report = fold_torch(model, inputs, merge_branches=merge)
     result = PipelineResult(loaded.format, report)
     exported = _write_torch_result(result, out, folded, loaded, inputs, options) if out is not None else None
     if options.do_verify:

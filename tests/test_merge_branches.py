@@ -17,9 +17,9 @@ from bnfold.zoo import randomize_batchnorm
 _HEAD = '<ir_version: 8, opset_import: ["" : 15]>\n'
 
 
-def _model(body: str, shapes: dict[str, tuple[int, ...]], out_shape=(2, 4, 6, 6), seed: int = 0):
+def _model(body: str, shapes: dict[str, tuple[int, ...]], seed: int = 0):
     rng = np.random.default_rng(seed)
-    text = _HEAD + f"g (float[2,4,6,6] x) => (float{list(out_shape)} y) {{\n{body}\n}}"
+    text = _HEAD + f"g (float[2,4,6,6] x) => (float[2,4,H,W] y) {{\n{body}\n}}"
     model = parser.parse_model(text)
     for name, shape in shapes.items():
         value = rng.standard_normal(shape).astype(np.float32)
@@ -117,13 +117,18 @@ def test_acnet_asymmetric_kernels_and_a_plain_identity():
             {"W5": (4, 4, 5, 5), "W3": (4, 4, 3, 3)},
             "dilation",
         ),
+        (  # both give 2x2 outputs from 6x6, at different positions
+            "k = Conv <strides=[3,3]> (x, W3)\n o = Conv <strides=[4,4]> (x, W1)\n y = Add (k, o)",
+            {"W3": (4, 4, 3, 3), "W1": (4, 4, 1, 1)},
+            "stride",
+        ),
         (  # a residual block: the conv reads another tensor than the identity
             "r = Relu (x)\n k = Conv <pads=[1,1,1,1]> (r, W3)\n y = Add (k, x)",
             {"W3": (4, 4, 3, 3)},
             "same tensor",
         ),
     ],
-    ids=["off-centre-padding", "groups-differ", "3x3-in-dilated-5x5", "residual-not-parallel"],
+    ids=["off-centre-padding", "groups-differ", "3x3-in-dilated-5x5", "stride-differs", "residual-not-parallel"],
 )
 def test_branches_that_do_not_line_up_are_not_merged(body, shapes, reason):
     from bnfold.onnx_fold.graph import GraphIndex
@@ -204,3 +209,22 @@ def test_torch_export_program_merges_every_block():
         assert float((folded(x).double() - truth).abs().max()) <= 2e-6 * float(truth.abs().max())
     _, kept = bnfold.fold(torch.export.export(model, (x,)).module(), merge_branches=False)
     assert not kept.merges and kept.bn_kept == 2  # the identity BNs of the stride-1 blocks
+
+
+def test_a_reflect_padded_branch_is_not_merged_in_a_module():
+    import bnfold
+
+    block = _RepVGGBlock()
+    block.kxk[0].padding_mode = "reflect"  # pads with copies of x: a centred 1x1 would see zeros there instead
+    model = randomize_batchnorm(nn.Sequential(block), 3).eval()
+    x = torch.randn(2, 4, 6, 6)
+    folded, report = bnfold.fold(model, x)
+    assert not report.merges and report.entry("0.identity").action == "kept", str(report)
+    from bnfold.rules.merge_branches import check_merge, merge_candidates
+    from bnfold.torch_fold.dataflow import trace
+    from bnfold.torch_fold.module_view import ModuleView
+
+    view = ModuleView(folded[0], trace(folded[0], None))
+    (total,) = merge_candidates(view)
+    with pytest.raises(Exception, match="copies of its input"):
+        check_merge(view, total)

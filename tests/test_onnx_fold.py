@@ -561,7 +561,7 @@ def test_bn_after_conv_plus_its_own_input_folds_once_the_branches_merge():
     }"""
     inits = _consts(Wa=(4, 4, 3, 3)) + _consts(1, s=(4,), bb=(4,), m=(4,), v=(4,))
     folded, report = _check(_model(text, inits), {"x": _x(2, 4, 5, 5)}, folded_count=1)
-    assert _ops(folded) == ["Conv"] and report.merges[0].branches == ["Conv 'a'", "identity"]
+    assert _ops(folded) == ["Conv"] and report.merges[0].branches == ["Conv 'a'", "identity (the input itself)"]
 
 
 def test_bn_after_a_residual_sum_is_kept():

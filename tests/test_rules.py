@@ -126,6 +126,22 @@ def _shared_bn_twin(m, x):
     return m.bn(m.a(torch.relu(x))) + m.bn(x)
 
 
+def _repvgg(m, x):
+    return torch.relu(m.kxk(x) + m.one(x) + m.identity(x))
+
+
+def _repvgg_twin(m, x):
+    return torch.relu(m.kxk(x) + m.one(x) + m.identity(torch.relu(x)))
+
+
+def _branches(identity_c=4):
+    return {
+        "kxk": nn.Sequential(_conv(4, 4, 3, padding=1, bias=False), _bn()),
+        "one": nn.Sequential(_conv(4, 4, 1, bias=False), _bn()),
+        "identity": _bn(identity_c),
+    }
+
+
 def _linear_cat(dim):
     def forward(m, x):
         return m.bn(torch.cat([m.a(x), m.b(x)], dim))
@@ -191,6 +207,10 @@ ROWS = {
     ),
     "adaptive-avg-pool-before": Row(
         lambda: Net(_pool_before, a=_conv(), pool=nn.AdaptiveAvgPool2d(1), bn=_bn()), (2, 3, 6, 6), 0
+    ),
+    "merge-parallel-branches": Row(lambda: Net(_repvgg, **_branches()), (2, 4, 6, 6), 0, "branch of"),
+    "merge-parallel-branches/twin-identity-reads-another-tensor": Row(
+        lambda: Net(_repvgg_twin, **_branches()), (2, 4, 6, 6), 1
     ),
     "one-bn-after-several-layers": Row(
         lambda: Net(_shared_bn, a=_conv(), b=_conv(), bn=_bn()), (2, 3, 6, 6), 0, "each call"

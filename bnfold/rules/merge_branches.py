@@ -24,7 +24,9 @@ from bnfold.affine import Affine, FoldRefused, Layout, float64
 from bnfold.rules.checks import sum_nodes, summands
 from bnfold.rules.view import GraphView, Layer, Node, Op, OpKind, Value
 
-__all__ = ["MergePlan", "check_merge", "merge_candidates"]
+__all__ = ["IDENTITY_LABEL", "MergePlan", "check_merge", "merge_candidates"]
+
+IDENTITY_LABEL = "identity (the input itself)"
 
 
 @dataclasses.dataclass
@@ -171,6 +173,6 @@ def _merged(
     removed = [layer.node for _, layer in layers if layer is not keep]
     bn_nodes = [node for _, _, node in affines if node is not None]
     labels = [layer.label for _, layer in layers] + [
-        view.label(node) if node is not None else "identity" for _, _, node in affines
+        view.label(node) if node is not None else IDENTITY_LABEL for _, _, node in affines
     ]
     return MergePlan(total, keep, weight, bias, labels, removed + bn_nodes + sum_nodes(view, total), bn_nodes)

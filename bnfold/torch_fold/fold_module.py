@@ -14,12 +14,14 @@ from typing import Any
 
 from torch import nn
 
+from bnfold.affine import FoldRefused
 from bnfold.errors import BnfoldError, first_line
-from bnfold.report import FoldReport, LayerEntry
+from bnfold.report import MERGED_INTO_BRANCH, FoldReport, LayerEntry, MergeEntry
 from bnfold.rules import RULES, fold_graph
+from bnfold.rules.merge_branches import IDENTITY_LABEL, MergePlan, check_merge, merge_candidates
 from bnfold.torch_fold.aten import fold_exported, has_aten_batch_norm
 from bnfold.torch_fold.dataflow import DataFlow, record, trace
-from bnfold.torch_fold.module_view import ModuleView
+from bnfold.torch_fold.module_view import ModuleView, set_submodule
 from bnfold.torch_fold.recognise import bn_module
 
 __all__ = ["fold"]
@@ -40,7 +42,62 @@ def _as_tuple(example_inputs: Any) -> tuple | None:  # noqa: ANN401 - a tensor, 
     return (example_inputs,)
 
 
-def _fold_flow(model: nn.Module, flow: DataFlow) -> tuple[nn.Module, list[LayerEntry]]:
+def _owner(plan: MergePlan) -> str:
+    """The deepest module whose forward holds every node of a merge (from fx's module stack); '' is the model."""
+    stacks = [list(call.fx_node.meta.get("nn_module_stack", {})) for call in [plan.keep.node, *plan.removed]]
+    stacks.append(list(plan.total.node.fx_node.meta.get("nn_module_stack", {})))
+    owner = ""
+    for paths in zip(*stacks, strict=False):
+        if len(set(paths)) != 1:
+            break
+        owner = paths[0]
+    if owner in (plan.keep.name, *[c.target for c in plan.removed if c.op == "module"]):
+        owner = owner.rpartition(".")[0]  # a layer's own path: its parent holds the sum
+    return owner
+
+
+def _merge_blocks(model: nn.Module, flow: DataFlow, entries: list[LayerEntry]) -> tuple[nn.Module, list[MergeEntry]]:
+    """Merge parallel branches block by block: a block with a merge becomes a GraphModule in the model's own class."""
+    view = ModuleView(model, flow)
+    owners = set()
+    for total in merge_candidates(view):
+        try:
+            owners.add(_owner(check_merge(view, total)))
+        except FoldRefused:
+            continue
+    by_name = {entry.name: entry for entry in entries}
+    merges: list[MergeEntry] = []
+    for owner in sorted(owners, key=lambda name: (-name.count(".") if name else 1, name)):
+        block = model.get_submodule(owner) if owner else model
+        block_view = ModuleView(block, trace(block, None))
+        for total in merge_candidates(block_view):
+            try:
+                plan = check_merge(block_view, total)
+                block_view.merge(plan)
+            except FoldRefused:
+                continue
+            prefix = f"{owner}." if owner else ""
+            for call in plan.bn_nodes:
+                entry = by_name.get(prefix + call.target)
+                if entry is not None:
+                    entry.action, entry.targets, entry.reason = MERGED_INTO_BRANCH, [prefix + plan.keep.name], ""
+                    entry.notes.append(f"a branch of {total.label}")
+            branches = [prefix + b if b != IDENTITY_LABEL else b for b in plan.branches]
+            merges.append(MergeEntry(prefix + total.label, branches, prefix + plan.keep.name))
+        if block_view.graph_changed:
+            gm = block_view.flow.graph_module
+            gm.graph.lint()
+            gm.recompile()
+            gm.delete_all_unused_submodules()
+            if not owner:
+                return gm.eval(), merges
+            set_submodule(model, owner, gm.eval())
+    return model, merges
+
+
+def _fold_flow(
+    model: nn.Module, flow: DataFlow, merge_branches: bool = False
+) -> tuple[nn.Module, list[LayerEntry], list[MergeEntry]]:
     """Run every rule over the model's data flow; write the folded layers; list BN modules forward never calls."""
     view = ModuleView(model, flow)
     entries, _ = fold_graph(view, RULES)
@@ -68,7 +125,10 @@ def _fold_flow(model: nn.Module, flow: DataFlow) -> tuple[nn.Module, list[LayerE
             for name, m in model.named_modules()
             if id(m) not in called and (bn := bn_module(m)) is not None and not isinstance(m, nn.Identity)
         ]
-    return result.eval(), entries
+    merges: list[MergeEntry] = []
+    if merge_branches and flow.method == "torch.fx" and not view.graph_changed:
+        result, merges = _merge_blocks(result, flow, entries)
+    return result.eval(), entries, merges
 
 
 def _memory_note(weight_bytes: int, inplace: bool) -> str:
@@ -95,8 +155,10 @@ def fold(
             for models torch.fx can trace; it also proves channel axes where only
             shapes can (Linear next to BatchNorm1d).
         inplace: Modify ``model`` itself instead of a deep copy.
-        merge_branches: For a torch.export program, also merge parallel branches summed into
-            one convolution (RepVGG-style blocks). Modules do not merge yet.
+        merge_branches: Also merge parallel branches summed into one convolution (RepVGG-style
+            blocks). A module's block with a merge becomes a ``torch.fx.GraphModule`` inside the
+            model's own class (the model itself only when the sum is in its own forward); needs a
+            model torch.fx can trace.
 
     Returns:
         ``(folded, report)``: the folded model in eval mode (a
@@ -142,10 +204,10 @@ def fold(
                 flow = trace(work, inputs)
             except Exception as run_error:  # noqa: BLE001
                 raise BnfoldError(f"the model rejected the example inputs: {run_error}") from None
-    folded, entries = _fold_flow(work, flow)
+    folded, entries, merges = _fold_flow(work, flow, merge_branches)
     weight_bytes = sum(p.numel() * p.element_size() for p in work.parameters())
     if weight_bytes >= 2**30:
         notes.append(_memory_note(weight_bytes, inplace))
-    report = FoldReport(flow.method, entries, notes)
+    report = FoldReport(flow.method, entries, notes, merges)
     logger.info("folded %d of %d BatchNorm(s)", report.bn_folded, report.bn_total)
     return folded, report

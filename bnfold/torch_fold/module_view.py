@@ -23,6 +23,7 @@ from torch import nn
 from bnfold.affine import (
     Affine,
     FoldRefused,
+    Layout,
     bn_affine,
     input_channels,
     output_channels,
@@ -31,11 +32,12 @@ from bnfold.affine import (
     scale_output_channels,
 )
 from bnfold.report import KEPT, LayerEntry
-from bnfold.rules.view import BNSite, Layer, Op, OpKind, Staged
+from bnfold.rules.merge_branches import MergePlan
+from bnfold.rules.view import BNSite, ConvGeometry, Layer, Op, OpKind, Staged
 from bnfold.torch_fold.dataflow import BATCH_NORM_FUNCTIONS, Call, DataFlow
 from bnfold.torch_fold.recognise import ANY_RANK, BNModule, bn_module, has_hooks, layer_spec
 
-__all__ = ["ModuleView"]
+__all__ = ["ModuleView", "set_submodule"]
 
 _CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
 _ADD_FUNCTIONS = (operator.add, torch.add)
@@ -54,7 +56,8 @@ _MAX_POOL_MODULES = (
 )
 _AVG_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _ADAPTIVE_AVG_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_STOCK_MODULES = (nn.Flatten, *_MAX_POOL_MODULES, *_AVG_POOL_MODULES, *_ADAPTIVE_AVG_MODULES)
+_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+_STOCK_MODULES = (*_IDENTITIES, nn.Flatten, *_MAX_POOL_MODULES, *_AVG_POOL_MODULES, *_ADAPTIVE_AVG_MODULES)
 
 
 def _name(call: Call) -> str:
@@ -65,7 +68,8 @@ def _arg(call: Call, index: int, key: str, default: Any = None) -> Any:  # noqa:
     return call.args[index] if len(call.args) > index else call.kwargs.get(key, default)
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """``root.<name> = module`` for a dotted name."""
     parent, _, attr = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
@@ -93,6 +97,20 @@ class _Pending:
     module: nn.Module
     weight: np.ndarray
     bias: np.ndarray
+
+
+def _geometry(module: nn.Module) -> ConvGeometry | None:
+    """A Conv module's kernel, stride, dilation and padding."""
+    kernel, dilation = tuple(module.kernel_size), tuple(module.dilation)
+    padding = module.padding
+    if padding == "valid":
+        padding = (0,) * len(kernel)
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+        begin, end = tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
+    else:
+        begin = end = tuple(padding)
+    return ConvGeometry(kernel, tuple(module.stride), dilation, begin, end, module.padding_mode == "zeros")
 
 
 class ModuleView:
@@ -248,6 +266,8 @@ class ModuleView:
         stock = next((b for b in _STOCK_MODULES if isinstance(module, b)), None)
         if stock is None or type(module).forward is not stock.forward or has_hooks(module):
             return OpKind.OTHER
+        if isinstance(module, _IDENTITIES):
+            return OpKind.SUM  # one input: in eval mode it passes its input on
         if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
             return OpKind.FLATTEN
         if isinstance(module, _MAX_POOL_MODULES) and not module.return_indices:
@@ -349,6 +369,7 @@ class ModuleView:
             out_channels=output_channels(weight, spec.layout, spec.groups),
             in_channels=input_channels(weight, spec.layout, spec.groups),
             state=module,
+            geometry=_geometry(module) if spec.layout is Layout.CONV and spec.spatial else None,
         )
 
     # -- writing -------------------------------------------------------------------------
@@ -389,9 +410,9 @@ class ModuleView:
             return
         if removal.module is not None:
             replacement = removal.tail or nn.Identity()
-            _set_submodule(self.model, site.entry.name, replacement)
+            set_submodule(self.model, site.entry.name, replacement)
             if call.fx_node is not None:
-                _set_submodule(self.flow.graph_module, site.entry.name, replacement)
+                set_submodule(self.flow.graph_module, site.entry.name, replacement)
             return
         node = call.fx_node
         source = self.bn_input(call)
@@ -431,6 +452,43 @@ class ModuleView:
         item.module.weight = nn.Parameter(weight.to(old.device), requires_grad=old.requires_grad)
         item.module.bias = nn.Parameter(bias.to(old.device), requires_grad=old.requires_grad)
         self.flushed[key] = self.flushed.get(key, 0) + n_w + n_b
+
+    # -- merging parallel branches (a traced graph only) ----------------------------------------
+
+    def nodes(self) -> list[Call]:
+        """The calls, in order."""
+        return [c for c in self.flow.calls if c.op in ("module", "function")]
+
+    def bn_affine(self, call: Call) -> Affine:
+        """A BN module's inference map; a BN that applies an activation after it is not linear."""
+        bn = self._bn(self.flow.modules[call.target]) if call.op == "module" else None
+        if bn is None:
+            raise FoldRefused(f"{call.describe()} is not a BN module")
+        if isinstance(bn.affine, FoldRefused):
+            raise bn.affine
+        if bn.tail is not None:
+            raise FoldRefused(f"{call.target} applies more after BN, so the branch is not linear")
+        return bn.affine
+
+    def weights(self, layer: Layer) -> tuple[Any, Any]:
+        """Float64 where a fold left it pending, else the module's parameters."""
+        return self._current(layer.state)
+
+    def merge(self, plan: MergePlan) -> None:
+        """The kept conv gets the merged weights; the sum's readers read it; the other branches leave the graph."""
+        if self.flow.graph_module is None:
+            raise FoldRefused("merging branches needs a traced graph")
+        staged = self._stage(plan.keep, plan.weight, plan.bias)  # refuses overflow before any change
+        self.commit([staged])
+        self._write(id(plan.keep.state))
+        graph = self.flow.graph_module.graph
+        plan.total.node.fx_node.replace_all_uses_with(plan.keep.node.fx_node)
+        self.flow.bypass(plan.total.node, plan.keep.node.output)
+        for call in plan.removed:
+            if call is not plan.total.node and call in self.flow.calls:
+                self.flow.bypass(call, call.inputs[0] if call.inputs else None)
+        graph.eliminate_dead_code()
+        self.graph_changed = True
 
     def write_all(self) -> dict[int, int]:
         """Write every layer still pending; return values flushed to zero per module id."""
