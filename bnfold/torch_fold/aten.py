@@ -26,11 +26,10 @@ from bnfold.affine import (
     input_channels,
     output_channels,
     round_to,
-    scale_input_channels,
-    scale_output_channels,
 )
 from bnfold.report import FoldReport, LayerEntry
 from bnfold.rules import RULES, fold_graph
+from bnfold.rules.float64_weights import Float64Staging
 from bnfold.rules.merge_branches import MergePlan
 from bnfold.rules.view import ANY_RANK, BNSite, ConvGeometry, Layer, Op, OpKind, Staged
 
@@ -106,7 +105,7 @@ def _geometry(node: fx.Node, weight: torch.Tensor) -> ConvGeometry | None:
     return ConvGeometry(kernel, stride, dilation, padding, padding)
 
 
-class AtenView:
+class AtenView(Float64Staging):
     """A torch.export GraphModule as a :class:`~bnfold.rules.view.GraphView` (changed in place)."""
 
     kind = "torch.export"
@@ -276,29 +275,17 @@ class AtenView:
 
     # -- writing -------------------------------------------------------------------------
 
-    def _current(self, layer: Layer) -> tuple[Any, Any]:
+    def current(self, layer: Layer) -> tuple[Any, Any]:
+        """Float64 where a fold staged it, else the attribute tensors."""
         staged = self.staged.get(id(layer.node))
         if staged is not None:
             return staged.weight, staged.bias
         weight_node, bias_node, _ = layer.state
         return self._tensor(weight_node), self._tensor(bias_node)
 
-    def _stage(self, layer: Layer, weight: np.ndarray, bias: np.ndarray) -> Staged:
-        dtype = layer.state[2]
-        round_to(weight, dtype)  # refuses overflow before anything is written
-        round_to(bias, dtype)
-        return Staged(layer, weight, bias)
-
-    def scale_output(self, layer: Layer, affine: Affine, *, final_output: object = None) -> Staged:
-        """Float64, kept until the end so a layer folded twice is rounded once."""
-        return self._stage(layer, *scale_output_channels(*self._current(layer), affine, layer.layout, layer.groups))
-
-    def scale_input(self, layer: Layer, affine: Affine) -> Staged:
-        """Float64, kept until the end."""
-        folded = scale_input_channels(
-            *self._current(layer), affine, layer.layout, layer.groups, padded=layer.zero_padded
-        )
-        return self._stage(layer, *folded)
+    def weight_dtype(self, layer: Layer) -> torch.dtype:
+        """The weight attribute's dtype."""
+        return layer.state[2]
 
     def commit(self, staged: Sequence[Staged]) -> None:
         """Remember the float64 results."""
@@ -331,13 +318,9 @@ class AtenView:
         """A batch_norm's inference map."""
         return self._affine(node)
 
-    def weights(self, layer: Layer) -> tuple[Any, Any]:
-        """Float64 where a fold staged it, else the attribute tensors."""
-        return self._current(layer)
-
     def merge(self, plan: MergePlan) -> None:
         """The kept convolution gets the merged weights; the sum's readers read it; the rest is dead code."""
-        self.commit([self._stage(plan.keep, plan.weight, plan.bias)])  # refuses overflow before any change
+        self.commit([self.stage(plan.keep, plan.weight, plan.bias)])  # refuses overflow before any change
         plan.total.output.replace_all_uses_with(plan.keep.node)
         self._erase_dead(plan.removed)
 

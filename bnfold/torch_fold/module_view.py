@@ -28,10 +28,9 @@ from bnfold.affine import (
     input_channels,
     output_channels,
     round_to,
-    scale_input_channels,
-    scale_output_channels,
 )
 from bnfold.report import KEPT, LayerEntry
+from bnfold.rules.float64_weights import Float64Staging
 from bnfold.rules.merge_branches import MergePlan
 from bnfold.rules.view import BNSite, ConvGeometry, Layer, Op, OpKind, Staged
 from bnfold.torch_fold.dataflow import BATCH_NORM_FUNCTIONS, Call, DataFlow
@@ -113,7 +112,7 @@ def _geometry(module: nn.Module) -> ConvGeometry | None:
     return ConvGeometry(kernel, tuple(module.stride), dilation, begin, end, module.padding_mode == "zeros")
 
 
-class ModuleView:
+class ModuleView(Float64Staging):
     """One torch model (already copied and in eval mode) and its data flow, as a graph view."""
 
     kind = "torch modules"
@@ -378,23 +377,13 @@ class ModuleView:
         pending = self.pending.get(id(module))
         return (pending.weight, pending.bias) if pending else (module.weight, module.bias)
 
-    def _stage(self, layer: Layer, weight: np.ndarray, bias: np.ndarray) -> Staged:
-        dtype = layer.state.weight.dtype
-        round_to(weight, dtype)  # refuses overflow before anything is written
-        round_to(bias, dtype)
-        return Staged(layer, weight, bias)
+    def current(self, layer: Layer) -> tuple[Any, Any]:
+        """Float64 where a fold left it pending, else the module's parameters."""
+        return self._current(layer.state)
 
-    def scale_output(self, layer: Layer, affine: Affine, *, final_output: object = None) -> Staged:
-        """Float64 results, kept until the layer is final."""
-        folded = scale_output_channels(*self._current(layer.state), affine, layer.layout, layer.groups)
-        return self._stage(layer, *folded)
-
-    def scale_input(self, layer: Layer, affine: Affine) -> Staged:
-        """Float64 results, kept until the layer is final."""
-        folded = scale_input_channels(
-            *self._current(layer.state), affine, layer.layout, layer.groups, padded=layer.zero_padded
-        )
-        return self._stage(layer, *folded)
+    def weight_dtype(self, layer: Layer) -> torch.dtype:
+        """The module weight's dtype."""
+        return layer.state.weight.dtype
 
     def commit(self, staged: Sequence[Staged]) -> None:
         """Make the float64 results the layers' current weights."""
@@ -470,15 +459,11 @@ class ModuleView:
             raise FoldRefused(f"{call.target} applies more after BN, so the branch is not linear")
         return bn.affine
 
-    def weights(self, layer: Layer) -> tuple[Any, Any]:
-        """Float64 where a fold left it pending, else the module's parameters."""
-        return self._current(layer.state)
-
     def merge(self, plan: MergePlan) -> None:
         """The kept conv gets the merged weights; the sum's readers read it; the other branches leave the graph."""
         if self.flow.graph_module is None:
             raise FoldRefused("merging branches needs a traced graph")
-        staged = self._stage(plan.keep, plan.weight, plan.bias)  # refuses overflow before any change
+        staged = self.stage(plan.keep, plan.weight, plan.bias)  # refuses overflow before any change
         self.commit([staged])
         self._write(id(plan.keep.state))
         graph = self.flow.graph_module.graph
