@@ -347,6 +347,32 @@ def test_conv_with_custom_forward_is_not_a_target():
     assert_equivalent(model, folded, x)
 
 
+class Conv2dSame(nn.Conv2d):
+    """TF-style "same" padding computed in forward (as timm's Conv2dSame): a plain conv on its output side."""
+
+    def forward(self, x):
+        pad_h = max((-(-x.shape[-2] // self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - x.shape[-2], 0)
+        pad_w = max((-(-x.shape[-1] // self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - x.shape[-1], 0)
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def test_conv_with_own_forward_that_scales_like_a_conv_takes_the_bn_after_it():
+    x = torch.randn(2, 3, 6, 6)
+    model = nn.Sequential(Conv2dSame(3, 4, 3, stride=2, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+    model, folded, report = _fold(model, x)
+    assert report.bn_kept == 0 and report.layers[0].targets == ["0"], str(report)
+    assert_equivalent(model, folded, x)
+
+
+def test_bn_before_a_conv_with_own_forward_is_kept():
+    """Its forward pads (or does anything) to its input: BN's shift must not move behind it."""
+    x = torch.randn(2, 3, 6, 6)
+    model, folded, report = _fold(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), Conv2dSame(3, 4, 3)), x)
+    assert report.bn_kept == 1 and "its own forward" in report.layers[0].reason, str(report)
+    assert_equivalent(model, folded, x)
+
+
 class Functional(nn.Module):
     def __init__(self):
         super().__init__()

@@ -53,6 +53,8 @@ class IntoFollowing(Rule):
             through, value = op, op.output
             reader = _sole_reader(view, value, f"the output of {op.label}")
         layer = view.layer(reader)
+        if not layer.reads_input_directly:
+            raise FoldRefused(f"{layer.label} has its own forward, so what it does to its input is unknown")
         if layer.data_input != value or view.readers(value).count(reader) != 1:
             raise FoldRefused(f"{layer.label} reads BN's output as more than its data input")
         if through is None:

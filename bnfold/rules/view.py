@@ -92,6 +92,8 @@ class Layer:
         in_channels: Channels (features) it reads.
         state: Whatever the view needs to read and write its weights.
         geometry: Kernel, stride, dilation and padding of a convolution, where the view knows them.
+        reads_input_directly: False for a layer whose own forward does something to its input before
+            the product (a subclass only proven on its output side): no BN folds into it from before.
     """
 
     node: Node
@@ -108,6 +110,7 @@ class Layer:
     in_channels: int
     state: Any = None
     geometry: ConvGeometry | None = None
+    reads_input_directly: bool = True
 
     def channel_axis(self, rank: int) -> int:
         """The axis holding this layer's channels in a tensor of ``rank``."""

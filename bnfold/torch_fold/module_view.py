@@ -368,7 +368,10 @@ class ModuleView(Float64Staging):
             out_channels=output_channels(weight, spec.layout, spec.groups),
             in_channels=input_channels(weight, spec.layout, spec.groups),
             state=module,
-            geometry=_geometry(module) if spec.layout is Layout.CONV and spec.spatial else None,
+            geometry=_geometry(module)
+            if spec.layout is Layout.CONV and spec.spatial and not spec.custom_forward
+            else None,
+            reads_input_directly=not spec.custom_forward,
         )
 
     # -- writing -------------------------------------------------------------------------

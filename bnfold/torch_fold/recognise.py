@@ -51,6 +51,7 @@ class LayerSpec:
     groups: int
     spatial: int  # number of spatial dims; 0 for Linear
     zero_padded: bool
+    custom_forward: bool = False  # its own forward, proven to scale with its output channels; input side unknown
 
     def channel_axis(self, rank: int) -> int:
         """The axis holding this layer's channels in a tensor of ``rank``."""
@@ -266,6 +267,47 @@ def _zero_padded(module: _ConvNd) -> bool:
     return any(p != 0 for p in padding)
 
 
+def _scales_with_output_channels(module: nn.Module, spatial: int) -> bool:
+    """Check in float64 that a Conv/Linear subclass with its own forward acts like one on its output channels.
+
+    Scaling weight row ``c`` by ``s[c]`` and setting the bias to ``s * b + t`` must give ``s * y + t``
+    (timm's ``Conv2dSame`` pads and convolves: it does; weight standardisation normalises the rows
+    again: it does not). Only the layer-before-BN fold relies on this; what the forward does to its
+    input stays unknown, so no BN folds into such a layer from before it.
+    """
+    if module.weight is None or isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    try:
+        work = copy.deepcopy(module).double().eval()
+        channels = work.in_channels if spatial else work.in_features
+        probe = torch.randn([2, channels] + [7] * spatial, generator=generator, dtype=torch.float64)
+        with torch.no_grad():
+            before = work(probe)
+            out = work.out_channels if spatial else work.out_features
+            scale = torch.rand(out, generator=generator, dtype=torch.float64) * 2 + 0.5
+            shift = torch.randn(out, generator=generator, dtype=torch.float64)
+            bias = work.bias if work.bias is not None else torch.zeros(out, dtype=torch.float64)
+            transposed = isinstance(work, _ConvTransposeNd)
+            groups = getattr(work, "groups", 1)
+            if transposed:
+                w = work.weight.reshape(groups, work.weight.shape[0] // groups, work.weight.shape[1], -1)
+                w *= scale.reshape(groups, 1, -1, 1)
+            else:
+                work.weight *= scale.reshape([-1] + [1] * (work.weight.dim() - 1))
+            work.bias = nn.Parameter(bias * scale + shift)
+            after = work(probe)
+        shape = [1, -1] + [1] * spatial if spatial else [-1]
+        expected = before * scale.reshape(shape) + shift.reshape(shape)
+    except Exception:  # noqa: BLE001 - any failure means "not what we think it is"
+        return False
+    return (
+        isinstance(after, torch.Tensor)
+        and after.shape == expected.shape
+        and torch.allclose(after, expected, rtol=1e-9, atol=1e-12)
+    )
+
+
 def _standard(module: nn.Module, base: type, *methods: str) -> bool:
     return all(getattr(type(module), m) is getattr(base, m) for m in methods)
 
@@ -293,7 +335,8 @@ def layer_spec(module: nn.Module) -> LayerSpec | str:
             continue
         plain = base is nn.Linear or issubclass(base, _ConvTransposeNd)
         methods = ("forward",) if plain else ("forward", "_conv_forward")
-        if not _standard(module, base, *methods):
+        custom = not _standard(module, base, *methods)
+        if custom and (has_hooks(module) or not _scales_with_output_channels(module, spatial)):
             return f"overrides forward, so a folded weight may not act as in a plain {base.__name__}"
         if has_hooks(module):
             return "has forward hooks or parametrizations"
@@ -304,5 +347,5 @@ def layer_spec(module: nn.Module) -> LayerSpec | str:
             return f"has a {weight.dtype} weight"
         groups = getattr(module, "groups", 1)
         zero_padded = spatial > 0 and layout is Layout.CONV and _zero_padded(module)
-        return LayerSpec(kind, layout, groups, spatial, zero_padded)
+        return LayerSpec(kind, layout, groups, spatial, zero_padded or custom, custom_forward=custom)
     return "is not a Conv, ConvTranspose or Linear"
