@@ -12,7 +12,9 @@ form, of bnfold's result and of timm's; max error of each against the float64 tr
 model (over 4 independent inputs), beside the training form's own float32 error; bnfold's
 fold seconds; and ONNX Runtime (CPU, its default optimisations, 2 threads) latency of bnfold's
 result against timm's, as a
-ratio with its 95% interval from interleaved rounds (``bnfold.deploy.ab``). Writes JSON.
+ratio with its 95% interval from interleaved rounds (``bnfold.deploy.ab``). Then the PyTorch
+path: ``bnfold.fold`` on the module beside timm's reparameterized module: BN left, conv count,
+whether the model keeps its class, error, and eager CPU latency (timm's / bnfold's). Writes JSON.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bnfold  # noqa: E402
 from bnfold.deploy.ab import compare_models  # noqa: E402
 from bnfold.deploy.export import export_keeping_bn  # noqa: E402
 from bnfold.deploy.onnx_reference import run_ort  # noqa: E402
@@ -86,13 +89,36 @@ def run_one(name: str, size: int, rounds: int, iterations: int) -> dict:
         "fold_s": round(fold_s, 3),
     }
     ab = compare_models(theirs, folded, runtimes=("ort-cpu-opt",), iterations=iterations, rounds=rounds, threads=2)
-    ab_row = ab.rows[0].to_dict()
-    row["latency"] = ab_row
+    row["latency"] = ab.rows[0].to_dict()
+    # the PyTorch path: bnfold.fold on the module (merged blocks become GraphModules in the model's class)
+    timm_module = reparameterize_model(copy.deepcopy(model)).eval()
+    start = time.perf_counter()
+    module, module_report = bnfold.fold(model, x)
+    row["fold_module_s"] = round(time.perf_counter() - start, 3)
+    row["bn_module"] = module_report.bn_kept
+    row["conv_module"] = sum(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+    row["conv_timm_module"] = sum(isinstance(m, torch.nn.Conv2d) for m in timm_module.modules())
+    row["class_kept"] = type(module).__name__ == type(model).__name__
+    with torch.no_grad():
+        row["err_module"] = max(
+            float((module(d).double() - torch.from_numpy(t)).abs().max() / abs(t).max())
+            for d, t in zip(draws, truths, strict=True)
+        )
+    eager = compare_models(
+        timm_module,
+        module,
+        input_shape=tuple(x.shape),
+        runtimes=("torch-cpu",),
+        iterations=iterations,
+        rounds=rounds,
+        threads=2,
+    )
+    row["latency_eager"] = eager.rows[0].to_dict()
     return row
 
 
-def _latency_text(row: dict) -> str:
-    lat = row.get("latency") or {}
+def _latency_text(row: dict, key: str = "latency") -> str:
+    lat = row.get(key) or {}
     if "speedup" not in lat:
         return "-"
     text = f"{lat['speedup']:.2f}x [{lat['low']:.2f}, {lat['high']:.2f}] {lat['verdict']}"
@@ -130,14 +156,21 @@ def main() -> None:
         print(
             f"{name:<16} {row['bn_train']:>4} {row['conv_train']:>5} | {row['bn_bnfold']:>9} {row['conv_bnfold']:>5} | "
             f"{row['bn_timm']:>7} {row['conv_timm']:>5} | {row['err_own']:>9.2e} {row['err_bnfold']:>9.2e} "
-            f"{row['err_timm']:>9.2e} | {row['fold_s']:>6.2f} | {_latency_text(row)}",
+            f"{row['err_timm']:>9.2e} | {row['fold_s']:>6.2f} | {_latency_text(row)}\n"
+            f"{'':<16} module path: BN {row['bn_module']}, conv {row['conv_module']} (timm {row['conv_timm_module']}), "
+            f"own class {row['class_kept']}, error {row['err_module']:.2e}, fold {row['fold_module_s']:.2f} s, "
+            f"eager latency timm / bnfold {_latency_text(row, 'latency_eager')}",
             flush=True,
         )
     Path(args.json).write_text(json.dumps({"size": args.size, "rows": rows}, indent=2))
     ok = [r for r in rows if "error" not in r]
     same = sum(r["bn_bnfold"] == r["bn_timm"] == 0 and r["conv_bnfold"] == r["conv_timm"] for r in ok)
-    print(f"\n{len(ok)} of {len(rows)} ran; {same} reach 0 BN and timm's conv count")
-    print(f"worst bnfold error / own error: {max((r['err_bnfold'] / r['err_own'] for r in ok), default=0):.2f}")
+    same_module = sum(r["bn_module"] == 0 and r["conv_module"] == r["conv_timm_module"] and r["class_kept"] for r in ok)
+    print(f"\n{len(ok)} of {len(rows)} ran; ONNX: {same} reach 0 BN and timm's conv count; modules: {same_module}")
+    print(
+        f"worst bnfold error / own error: {max((r['err_bnfold'] / r['err_own'] for r in ok), default=0):.2f} (ONNX), "
+        f"{max((r['err_module'] / r['err_own'] for r in ok), default=0):.2f} (modules)"
+    )
 
 
 if __name__ == "__main__":

@@ -291,6 +291,9 @@ class ModuleView(Float64Staging):
             and not set(call.kwargs) - {"other"}
         ):
             return OpKind.SUM, None
+        zero = [a for a in call.args if not isinstance(a, fx.Node) and isinstance(a, int | float) and a == 0]
+        if is_add and len(call.inputs) == 1 and len(call.args) == 2 and not call.kwargs and zero:
+            return OpKind.SUM, None  # ``0 + x`` (MobileOne starts its sum from 0): passes x on
         flatten = name == "flatten" and len(call.inputs) == 1
         if flatten and _arg(call, 1, "start_dim", 0) == 1 and _arg(call, 2, "end_dim", -1) == -1:
             return OpKind.FLATTEN, None

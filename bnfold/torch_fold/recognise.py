@@ -131,6 +131,8 @@ def _batchnorm_affine(module: _BatchNorm) -> Affine | FoldRefused:
         return refused
 
 
+# modules that return their input in eval mode
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _ASSERTS = tuple(f for f in (getattr(torch, "_assert", None), getattr(torch, "_assert_async", None)) if f)
 _METADATA = frozenset({"ndim", "shape", "dtype", "device", "is_cuda", "layout"})
 
@@ -203,6 +205,9 @@ def _traced_tail(module: _BatchNorm) -> nn.Module | FoldRefused:
     call.replace_all_uses_with(x)
     graph.erase_node(call)
     tail = fx.GraphModule(work, graph, class_name=f"{type(module).__name__}Tail")
+    for node in list(tail.graph.nodes):  # timm's BatchNormAct2d(act_layer=None): drop and act are Identity
+        if node.op == "call_module" and type(tail.get_submodule(node.target)) in _PASS_THROUGH and node.args:
+            node.replace_all_uses_with(node.args[0])
     tail.graph.eliminate_dead_code()  # needs the owning module to judge call_module purity
     if [n.op for n in tail.graph.nodes] == ["placeholder", "output"]:
         return nn.Identity()
