@@ -110,28 +110,30 @@ def pool_notes(pools: list[Op]) -> list[str]:
     return [f"through {op.label}" for op in pools]
 
 
-def summands(view: GraphView, op: Op) -> list[tuple[Value, Node]]:
-    """The tensors a (nested) sum adds, each with the sum node that reads it.
+def _walk_sum(view: GraphView, op: Op) -> tuple[list[tuple[Value, Node]], list[Node]]:
+    """The tensors a (nested) sum adds (each with the sum node reading it) and the sum nodes walked through.
 
     An inner sum counts as part of the outer one when the outer sum is its only reader.
     """
     found: list[tuple[Value, Node]] = []
+    nodes: list[Node] = [op.node]
     for value in op.inputs:
         producer = view.producer(value)
         inner = view.op(producer) if producer is not None else None
         if inner is not None and inner.kind is OpKind.SUM and view.readers(value) == [op.node]:
-            found += summands(view, inner)
+            inner_found, inner_nodes = _walk_sum(view, inner)
+            found += inner_found
+            nodes += inner_nodes
         else:
             found.append((value, op.node))
-    return found
+    return found, nodes
+
+
+def summands(view: GraphView, op: Op) -> list[tuple[Value, Node]]:
+    """The tensors a (nested) sum adds, each with the sum node that reads it."""
+    return _walk_sum(view, op)[0]
 
 
 def sum_nodes(view: GraphView, op: Op) -> list[Node]:
     """The sum nodes :func:`summands` walks through, outermost first."""
-    found = [op.node]
-    for value in op.inputs:
-        producer = view.producer(value)
-        inner = view.op(producer) if producer is not None else None
-        if inner is not None and inner.kind is OpKind.SUM and view.readers(value) == [op.node]:
-            found += sum_nodes(view, inner)
-    return found
+    return _walk_sum(view, op)[1]

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from bnfold.affine import FoldRefused
 from bnfold.report import FOLDED_INTO_PRODUCERS, KEPT, MERGED_INTO_BRANCH, LayerEntry, MergeEntry
-from bnfold.rules.merge_branches import check_merge, merge_candidates
+from bnfold.rules.merge_branches import MergePlan, check_merge, merge_candidates
 from bnfold.rules.rule import Plan, Rule
-from bnfold.rules.view import BNSite, GraphView, MergingView, Node
+from bnfold.rules.view import BNSite, GraphView, MergingView, Node, Op
 
-__all__ = ["fold_graph"]
+__all__ = ["fold_graph", "merge_all", "record_merge"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +61,8 @@ def _try_site(view: GraphView, site: BNSite, rules: Sequence[Rule]) -> bool:
     return True
 
 
-def _merge_round(view: MergingView, sites: list[BNSite], merges: list[MergeEntry]) -> bool:
-    """Merge every sum of parallel branches that merges exactly; whether any did."""
-    by_node = {id(node): site for site in sites for node in site.nodes}
-    changed = False
+def merge_all(view: MergingView) -> Iterator[tuple[Op, MergePlan]]:
+    """Merge every sum of parallel branches that merges exactly; yield each sum and its plan as it is merged."""
     for total in merge_candidates(view):
         try:
             plan = check_merge(view, total)
@@ -72,10 +70,22 @@ def _merge_round(view: MergingView, sites: list[BNSite], merges: list[MergeEntry
         except FoldRefused as refused:
             logger.debug("not merged: %s", refused)
             continue
+        yield total, plan
+
+
+def record_merge(entry: LayerEntry, total: Op, into: str) -> None:
+    """Mark a BN's report row as merged into the conv ``into`` (a branch of the sum ``total``)."""
+    entry.action, entry.targets, entry.reason = MERGED_INTO_BRANCH, [into], ""
+    entry.notes.append(f"a branch of {total.label}")
+
+
+def _merge_round(view: MergingView, sites: list[BNSite], merges: list[MergeEntry]) -> bool:
+    """One round of :func:`merge_all` with the report updated; whether anything merged."""
+    by_node = {id(node): site for site in sites for node in site.nodes}
+    changed = False
+    for total, plan in merge_all(view):
         for node in plan.bn_nodes:
-            entry = by_node[id(node)].entry
-            entry.action, entry.targets, entry.reason = MERGED_INTO_BRANCH, [plan.keep.name], ""
-            entry.notes.append(f"a branch of {total.label}")
+            record_merge(by_node[id(node)].entry, total, plan.keep.name)
         merges.append(MergeEntry(total.label, plan.branches, plan.keep.name))
         changed = True
     return changed

@@ -115,8 +115,8 @@ def check_merge(view: GraphView, total: Op) -> MergePlan:
     return _merged(view, total, layers, affines)
 
 
-def _check_geometry(total: Op, layers: list[Layer]) -> tuple[int, ...]:
-    """Refuse branches that do not read ``x`` at the same positions; return the merged kernel size."""
+def _check_geometry(total: Op, layers: list[Layer]) -> tuple[tuple[int, ...], Layer]:
+    """Refuse branches that do not read ``x`` at the same positions; return the merged kernel and its layer."""
     first = layers[0]
     for layer in layers:
         g = layer.geometry
@@ -139,7 +139,7 @@ def _check_geometry(total: Op, layers: list[Layer]) -> tuple[int, ...]:
             # a smaller kernel's taps land on the merged kernel's taps: centred, and at the same spacing
             if (size - k) % 2 or (k > 1 and d != big):
                 raise FoldRefused(f"{layer.label} cannot be centred in a {kernel} kernel (dilation or parity)")
-    return kernel
+    return kernel, keep
 
 
 def _merged(
@@ -149,7 +149,7 @@ def _merged(
     affines: list[tuple[Value, Affine | None, Node | None]],
 ) -> MergePlan:
     """Check the geometry and add every branch's weights, in float64."""
-    kernel = _check_geometry(total, [layer for _, layer in layers])
+    kernel, keep = _check_geometry(total, [layer for _, layer in layers])
     first = layers[0][1]
     if affines and (any(s != 1 for s in first.geometry.stride) or any(o != (0.0, 0.0) for o in _offsets(first))):
         raise FoldRefused(f"an identity branch of {total.label} needs stride 1 and an output the size of the input")
@@ -169,7 +169,6 @@ def _merged(
         weight += _identity(first.out_channels, first.groups, kernel, scale)
         if affine is not None:
             bias += affine.shift
-    keep = next(layer for _, layer in layers if layer.geometry.kernel == kernel)  # the one _check_geometry used
     removed = [layer.node for _, layer in layers if layer is not keep]
     bn_nodes = [node for _, _, node in affines if node is not None]
     labels = [layer.label for _, layer in layers] + [

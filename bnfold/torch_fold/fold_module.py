@@ -16,8 +16,9 @@ from torch import nn
 
 from bnfold.affine import FoldRefused
 from bnfold.errors import BnfoldError, first_line
-from bnfold.report import MERGED_INTO_BRANCH, FoldReport, LayerEntry, MergeEntry
+from bnfold.report import FoldReport, LayerEntry, MergeEntry
 from bnfold.rules import RULES, fold_graph
+from bnfold.rules.driver import merge_all, record_merge
 from bnfold.rules.merge_branches import IDENTITY_LABEL, MergePlan, check_merge, merge_candidates
 from bnfold.torch_fold.aten import fold_exported, has_aten_batch_norm
 from bnfold.torch_fold.dataflow import DataFlow, record, trace
@@ -51,8 +52,6 @@ def _owner(plan: MergePlan) -> str:
         if len(set(paths)) != 1:
             break
         owner = paths[0]
-    if owner in (plan.keep.name, *[c.target for c in plan.removed if c.op == "module"]):
-        owner = owner.rpartition(".")[0]  # a layer's own path: its parent holds the sum
     return owner
 
 
@@ -70,18 +69,12 @@ def _merge_blocks(model: nn.Module, flow: DataFlow, entries: list[LayerEntry]) -
     for owner in sorted(owners, key=lambda name: (-name.count(".") if name else 1, name)):
         block = model.get_submodule(owner) if owner else model
         block_view = ModuleView(block, trace(block, None))
-        for total in merge_candidates(block_view):
-            try:
-                plan = check_merge(block_view, total)
-                block_view.merge(plan)
-            except FoldRefused:
-                continue
-            prefix = f"{owner}." if owner else ""
+        prefix = f"{owner}." if owner else ""
+        for total, plan in merge_all(block_view):
             for call in plan.bn_nodes:
                 entry = by_name.get(prefix + call.target)
                 if entry is not None:
-                    entry.action, entry.targets, entry.reason = MERGED_INTO_BRANCH, [prefix + plan.keep.name], ""
-                    entry.notes.append(f"a branch of {total.label}")
+                    record_merge(entry, total, prefix + plan.keep.name)
             branches = [prefix + b if b != IDENTITY_LABEL else b for b in plan.branches]
             merges.append(MergeEntry(prefix + total.label, branches, prefix + plan.keep.name))
         if block_view.graph_changed:

@@ -34,7 +34,7 @@ from bnfold.rules.float64_weights import Float64Staging
 from bnfold.rules.merge_branches import MergePlan
 from bnfold.rules.view import BNSite, ConvGeometry, Layer, Op, OpKind, Staged
 from bnfold.torch_fold.dataflow import BATCH_NORM_FUNCTIONS, Call, DataFlow
-from bnfold.torch_fold.recognise import ANY_RANK, BNModule, bn_module, has_hooks, layer_spec
+from bnfold.torch_fold.recognise import ANY_RANK, PASS_THROUGH_MODULES, BNModule, bn_module, has_hooks, layer_spec
 
 __all__ = ["ModuleView", "set_submodule"]
 
@@ -55,8 +55,7 @@ _MAX_POOL_MODULES = (
 )
 _AVG_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _ADAPTIVE_AVG_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-_IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
-_STOCK_MODULES = (*_IDENTITIES, nn.Flatten, *_MAX_POOL_MODULES, *_AVG_POOL_MODULES, *_ADAPTIVE_AVG_MODULES)
+_STOCK_MODULES = (*PASS_THROUGH_MODULES, nn.Flatten, *_MAX_POOL_MODULES, *_AVG_POOL_MODULES, *_ADAPTIVE_AVG_MODULES)
 
 
 def _name(call: Call) -> str:
@@ -265,7 +264,7 @@ class ModuleView(Float64Staging):
         stock = next((b for b in _STOCK_MODULES if isinstance(module, b)), None)
         if stock is None or type(module).forward is not stock.forward or has_hooks(module):
             return OpKind.OTHER
-        if isinstance(module, _IDENTITIES):
+        if isinstance(module, PASS_THROUGH_MODULES):
             return OpKind.SUM  # one input: in eval mode it passes its input on
         if isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1:
             return OpKind.FLATTEN

@@ -15,7 +15,16 @@ from torch.nn.utils import parametrize
 
 from bnfold.affine import Affine, FoldRefused, Layout, bn_affine
 
-__all__ = ["ANY_RANK", "BNModule", "LayerSpec", "bn_module", "has_hooks", "is_atomic", "layer_spec"]
+__all__ = [
+    "ANY_RANK",
+    "PASS_THROUGH_MODULES",
+    "BNModule",
+    "LayerSpec",
+    "bn_module",
+    "has_hooks",
+    "is_atomic",
+    "layer_spec",
+]
 
 ANY_RANK = frozenset(range(2, 9))
 _STANDARD_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
@@ -132,7 +141,7 @@ def _batchnorm_affine(module: _BatchNorm) -> Affine | FoldRefused:
 
 
 # modules that return their input in eval mode
-_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 _ASSERTS = tuple(f for f in (getattr(torch, "_assert", None), getattr(torch, "_assert_async", None)) if f)
 _METADATA = frozenset({"ndim", "shape", "dtype", "device", "is_cuda", "layout"})
 
@@ -206,7 +215,7 @@ def _traced_tail(module: _BatchNorm) -> nn.Module | FoldRefused:
     graph.erase_node(call)
     tail = fx.GraphModule(work, graph, class_name=f"{type(module).__name__}Tail")
     for node in list(tail.graph.nodes):  # timm's BatchNormAct2d(act_layer=None): drop and act are Identity
-        if node.op == "call_module" and type(tail.get_submodule(node.target)) in _PASS_THROUGH and node.args:
+        if node.op == "call_module" and type(tail.get_submodule(node.target)) in PASS_THROUGH_MODULES and node.args:
             node.replace_all_uses_with(node.args[0])
     tail.graph.eliminate_dead_code()  # needs the owning module to judge call_module purity
     if [n.op for n in tail.graph.nodes] == ["placeholder", "output"]:
