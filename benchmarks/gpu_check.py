@@ -3,7 +3,8 @@
 Usage: python benchmarks/gpu_check.py [--json gpu_check.json]
 Folds resnet-tiny and a ResNet-50-sized net, verifies the folded model on torch-cuda (and ort-cuda
 when onnxruntime-gpu is installed), and benchmarks original vs folded on the same runtimes at batch 1
-and 32. Prints tables, writes JSON. Exits 1 if a verification fails, 2 if no CUDA GPU is visible.
+and 32; then verifies resnet-tiny folded in float16 and bfloat16 on torch-cuda. Prints tables, writes
+JSON. Exits 1 if a verification fails, 2 if no CUDA GPU is visible.
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ def main() -> None:
                 entry["bench_ort_cuda"] = cmp["rows"]
                 print(cmp["text"])
         out["models"].append(entry)
+    for dtype in (torch.float16, torch.bfloat16):  # half precision: folded in float64, rounded once, run on the GPU
+        model = zoo.randomize_batchnorm(zoo.build("resnet-tiny"), seed=1).eval().to(dtype)
+        folded, report = bnfold.fold(model, torch.randn(2, 1, 8, 8).to(dtype))
+        check = bnfold.verify(model, folded, input_shapes=[(2, 1, 8, 8)], runtimes=("torch-cuda",))
+        ok &= check.passed
+        name = f"resnet-tiny-{str(dtype).removeprefix('torch.')}"
+        out["models"].append({"model": name, "bn_folded": report.bn_folded, "verify_torch_cuda": check.to_dict()})
+        print(f"{name}: torch-cuda verify {'pass' if check.passed else 'FAIL'}")
     with open(args.json, "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {args.json}")

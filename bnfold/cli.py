@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,19 +58,30 @@ disk full, missing runtime); 3 internal error (a bug: --debug shows
 the traceback)."""
 
 
-def install_signal_handlers() -> None:
-    """SIGTERM (and SIGHUP) end the command through the normal error path, so no temporary file is left."""
+@contextlib.contextmanager
+def signal_handlers() -> Iterator[None]:
+    """While a command runs, SIGTERM (and SIGHUP) end it through the normal error path: no temporary file is left.
+
+    The previous handlers come back when the command returns, so a program that runs commands in-process (a test
+    runner, a pipeline) keeps its own.
+    """
     import signal
 
     def terminated(signum: int, _frame: object) -> None:
         raise BnfoldError(f"terminated by {signal.Signals(signum).name}; no partial file is left")
 
+    previous = {}
     for name in ("SIGTERM", "SIGHUP"):
         if hasattr(signal, name):
             try:
-                signal.signal(getattr(signal, name), terminated)
+                previous[name] = signal.signal(getattr(signal, name), terminated)
             except ValueError:  # not the main thread (an embedding program): leave its handlers alone
-                return
+                break
+    try:
+        yield
+    finally:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 class _Group(click.Group):
@@ -77,14 +89,14 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug"))
-        install_signal_handlers()
         if not debug:  # libraries' deprecation notices are not the user's business; --debug shows them
             import warnings
 
             for category in (FutureWarning, DeprecationWarning):
                 warnings.filterwarnings("ignore", category=category)
         try:
-            return super().invoke(ctx)
+            with signal_handlers():
+                return super().invoke(ctx)
         except BnfoldError as error:
             click.echo(f"bnfold: error: {error}", err=True)
             sys.exit(2)
@@ -701,9 +713,9 @@ def stats_command(
 
     from bnfold.lazy import is_module, is_script_module
     from bnfold.model_io.loading import load_detailed
+    from bnfold.training.distributed import start
     from bnfold.training.sources import ImageOptions
     from bnfold.training.stats import recompute_statistics
-    from bnfold.training.trainer import _distributed
 
     rank = int(os.environ.get("RANK", "0"))
     out = Path(output)
@@ -721,7 +733,7 @@ def stats_command(
     shapes = _shapes(input_shapes)
     shape = shapes[0][1:] if shapes else (loaded.input_shape[1:] if loaded.input_shape else None)
     images = ImageOptions(resize=resize, crop=crop, mean=_floats(mean_text, "--mean"), std=_floats(std_text, "--std"))
-    _distributed()
+    start(device)
     result = recompute_statistics(
         loaded.model,
         data,

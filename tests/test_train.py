@@ -124,3 +124,43 @@ def test_bad_training_arguments():
         train(TrainConfig(batch_size=1), progress=False)
     with pytest.raises(BnfoldError, match="optimizer"):
         train(TrainConfig(optimizer="lamb"), progress=False)
+
+
+def _fake_gpu_machine(monkeypatch, gpus):
+    """torchrun's environment for 2 processes on a machine that shows ``gpus`` GPUs; returns the backends chosen."""
+    from bnfold.training import distributed
+
+    chosen = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda index: chosen.append(f"cuda:{index}"))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", chosen.append)
+    return distributed, chosen
+
+
+def test_the_backend_follows_the_jobs_device_not_the_machine(monkeypatch):
+    """On a GPU machine a CPU job joins with gloo (nccl cannot reduce CPU tensors); a GPU job with nccl."""
+    distributed, chosen = _fake_gpu_machine(monkeypatch, gpus=2)
+    distributed.start("cpu")
+    assert chosen == ["gloo"]
+    chosen.clear()
+    distributed.start("cuda")
+    assert chosen == ["cuda:1", "nccl"]  # each process on its own GPU
+    chosen.clear()
+    monkeypatch.setenv("BNFOLD_BACKEND", "gloo")
+    distributed.start("cuda")
+    assert chosen == ["cuda:1", "gloo"]
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch):
+    distributed, chosen = _fake_gpu_machine(monkeypatch, gpus=1)
+    with pytest.raises(BnfoldError, match="one GPU per process: 2 processes on this node, 1 GPU"):
+        distributed.start("cuda")
+    assert chosen == []
+    distributed, _ = _fake_gpu_machine(monkeypatch, gpus=0)
+    with pytest.raises(BnfoldError, match="sees no CUDA GPU"):
+        distributed.start("cuda")

@@ -109,6 +109,56 @@ def test_verify_on_cuda():
     assert verify(model, folded, input_shapes=[(2, 1, 8, 8)], runtimes=("torch-cuda",)).passed
 
 
+def _wide_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers = []
+    for i in range(6):
+        layers += [torch.nn.Conv2d(3 if i == 0 else 256, 256, 3, padding=1), torch.nn.BatchNorm2d(256), torch.nn.ReLU()]
+    return randomized(torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_verify_on_cuda_with_tf32_convolutions(monkeypatch):
+    """On an H200, TF32 convolutions put a ResNet-50-sized fold 1.3e-4 off float64: the original is as far off."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    model = _wide_net()
+    folded, _ = bnfold.fold(model)
+    result = verify(model, folded, input_shapes=[(2, 3, 32, 32)], runtimes=("torch-cuda",), power=False)
+    assert result.passed, str(result)
+    assert result.runtimes[0].reference_error  # the original's own error on the GPU was measured and counted
+    with torch.no_grad():  # a real 1% error is still caught on the GPU
+        folded[0].weight[0] *= 1.01
+    assert not verify(model, folded, input_shapes=[(2, 3, 32, 32)], runtimes=("torch-cuda",), power=False).passed
+
+
+def _tf32_like(outputs):
+    """Outputs rounded to TF32's 10-bit mantissa, the way a GPU's TF32 convolutions round them."""
+    return [(np.asarray(o, np.float32).view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32) for o in outputs]
+
+
+@pytest.mark.parametrize("reference_rounds_too", [True, False])
+def test_reference_noise_on_the_candidates_runtime_counts(monkeypatch, reference_rounds_too):
+    """A runtime that rounds both models alike passes; the same rounding in the candidate alone is a mismatch."""
+    import bnfold.deploy.verify as verify_module
+
+    model, folded = _folded()
+    run = verify_module._run
+
+    def fake_run(m, inputs, runtime):
+        if runtime != "torch-cuda":
+            return run(m, inputs, runtime)
+        out = run(m, inputs, "torch-cpu")
+        return _tf32_like(out) if (m is folded or reference_rounds_too) else out
+
+    monkeypatch.setattr(verify_module, "_run", fake_run)
+    monkeypatch.setattr(verify_module, "check_available", lambda runtime: None)
+    result = verify(model, folded, input_shapes=[(2, 1, 8, 8)], runtimes=("torch-cuda",), power=False)
+    assert result.passed is reference_rounds_too
+    here = result.runtimes[0].reference_error
+    assert here and (here[0].stats.scaled_max > 1e-5) is reference_rounds_too
+    assert "ref torch-cuda" in str(result)
+
+
 class _MixedScale(torch.nn.Module):
     """One output column scaled by 1e4 beside nine scaled by 1e-2 (a detection or multi-task head)."""
 

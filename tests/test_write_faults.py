@@ -96,10 +96,11 @@ def test_sigterm_mid_write_leaves_nothing(tmp_path):
         f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from bnfold.cli import install_signal_handlers
+        from bnfold.cli import signal_handlers
         from bnfold.errors import BnfoldError
         from bnfold.model_io.outputs import atomic_write
-        install_signal_handlers()
+        handlers = signal_handlers()  # entered for the rest of the script
+        handlers.__enter__()
 
         def slow(tmp):
             with open(tmp, "wb") as f:
@@ -125,6 +126,21 @@ def test_sigterm_mid_write_leaves_nothing(tmp_path):
     assert process.returncode == 2, err
     assert err.strip().splitlines() == ["bnfold: error: terminated by SIGTERM; no partial file is left"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_in_process_command_gives_the_signal_handlers_back(inputs, tmp_path):
+    """A test runner or pipeline that runs commands in-process keeps its own SIGTERM handler afterwards."""
+
+    def mine(signum, frame):
+        return None
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        result = CliRunner().invoke(main, ["inspect", str(inputs / "good.onnx")])
+        assert result.exit_code == 0, result.output
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_sigterm_to_the_cli_mid_fold(inputs, tmp_path):

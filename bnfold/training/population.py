@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.errors import BnfoldError, first_line
+from bnfold.training.distributed import all_reduce_sum
 
 __all__ = ["PopulationStats", "population_statistics"]
 
@@ -172,7 +173,7 @@ def population_statistics(
         world = dist.get_world_size()
         for s in sums.values():
             for t in (s.total, s.within, s.values, s.batches):
-                dist.all_reduce(t, op=dist.ReduceOp.SUM)
+                all_reduce_sum(t)
     per_channel = {name: _write_statistics(name, module, sums[name]) for name, module in bns.items()}
     model.eval()
     calls = int(next(iter(sums.values())).batches)  # batches seen by the first BN, on all ranks together

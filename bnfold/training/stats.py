@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from bnfold.errors import BnfoldError, first_line
+from bnfold.training.distributed import all_reduce_sum, device_for
 from bnfold.training.population import PopulationStats, population_statistics
 from bnfold.training.sources import ImageOptions, Source, open_source
 
@@ -121,8 +122,7 @@ def _accuracy(model: nn.Module, source: Source, device: torch.device, limit: int
             correct += int((logits.argmax(1).cpu() == y.cpu()).sum())
             total += len(y)
     counts = torch.tensor([correct, total], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
+    all_reduce_sum(counts)
     return float(counts[0] / counts[1]) if counts[1] else None
 
 
@@ -163,7 +163,7 @@ def recompute_statistics(
     """
     if device == "cuda" and not torch.cuda.is_available():
         raise BnfoldError("--device cuda: this torch build sees no CUDA GPU")
-    target = torch.device(device)
+    target = device_for(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     model.to(target)
 

@@ -9,7 +9,6 @@ import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
 
@@ -17,6 +16,7 @@ from bnfold import zoo
 from bnfold.errors import BnfoldError
 from bnfold.model_io.checkpoint import build_arch, trained_checkpoint
 from bnfold.model_io.outputs import atomic_write
+from bnfold.training import distributed
 from bnfold.training.data import Dataset, load_dataset
 from bnfold.training.population import population_statistics
 
@@ -90,16 +90,6 @@ def _arch_kwargs(arch: str, data: Dataset, kwargs: dict[str, Any]) -> dict[str, 
     return kwargs
 
 
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("BNFOLD_BACKEND") != "gloo" else "gloo"
-        dist.init_process_group(backend)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
     model.eval()
     correct = 0
@@ -115,8 +105,6 @@ def _check_config(config: TrainConfig) -> None:
         raise BnfoldError(f"--optimizer {config.optimizer}: use adam or sgd")
     if config.batch_size < 2 or config.lr <= 0 or (config.steps is not None and config.steps < 1) or config.epochs < 1:
         raise BnfoldError("batch size must be at least 2; lr, steps and epochs positive")
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise BnfoldError("--device cuda: no CUDA GPU is visible")
     if config.sync_bn and config.device != "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise BnfoldError(
             "--sync-bn: PyTorch's SyncBatchNorm runs on GPUs only; add --device cuda (population "
@@ -204,10 +192,8 @@ def train(config: TrainConfig, *, progress: bool = True) -> TrainResult:
         BnfoldError: Bad configuration or data.
     """
     _check_config(config)
-    rank, world = _distributed()
-    device = torch.device(config.device)
-    if config.device == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world = distributed.start(config.device)
+    device = distributed.device_for(config.device)
     torch.manual_seed(config.seed)
     config, model, dataset, loader, sampler, (x_test, y_test) = _setup(config, device, rank, world)
     kwargs, shape = config.arch_kwargs, config.input_shape
