@@ -103,6 +103,9 @@ def smallest_input(model: nn.Module, spec: str) -> torch.Tensor | None:
         shapes = [(1, 3, frames, s, s) for frames in (8, 16) for s in sizes]
     else:
         shapes = [(1, channels, s, s) for s in sizes]
+    own = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")  # timm's own size (halonet: 256)
+    if own and len(own) == 3 and tuple(own[1:]) > (sizes[-1], sizes[-1]):
+        shapes.append((1, *own))
     for shape in shapes:
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
         try:
@@ -162,7 +165,7 @@ def sweep_one(spec: str, peers: str) -> dict:
     randomize_batchnorm(model)
     x = smallest_input(model, spec)
     if x is None:
-        row["crash"] = "no input size in 32..224 accepted"
+        row["crash"] = "no input size in 32..224 (or the model's own) accepted"
         return row
     row["input"] = list(x.shape)
     start = time.perf_counter()

@@ -163,6 +163,15 @@ ROWS = {
     "following-through-view/twin-3d": Row(
         lambda: Net(_view_linear_twin, bn=_bn(3), fc=nn.Linear(12, 5)), (2, 3, 4, 4), 1
     ),
+    "following-through-dropout": Row(
+        lambda: nn.Sequential(nn.BatchNorm1d(6), nn.Dropout(0.5), nn.Linear(6, 5)), (4, 6), 0, "through"
+    ),
+    "following-through-dropout/twin-activation": Row(
+        lambda: nn.Sequential(nn.BatchNorm1d(6), nn.Dropout(0.5), nn.ReLU(), nn.Linear(6, 5)), (4, 6), 1
+    ),
+    "preceding-through-identity": Row(
+        lambda: nn.Sequential(nn.Linear(6, 5), nn.Identity(), nn.BatchNorm1d(5)), (4, 6), 0
+    ),
     "sum-of-two": Row(lambda: Net(_sum2, a=_conv(), b=_conv(), bn=_bn()), (2, 3, 6, 6), 0),
     "sum-of-three": Row(lambda: Net(_sum3, a=_conv(), b=_conv(), c=_conv(), bn=_bn()), (2, 3, 6, 6), 0),
     "sum/twin-input-summand": Row(lambda: Net(_sum_input, a=_conv(3, 3, 1), bn=_bn(3)), (2, 3, 6, 6), 1, "input"),
@@ -220,8 +229,13 @@ ROWS = {
     ),
 }
 
-# the words a kind cannot show: ONNX / aten have one BN node per call, the flatten twin's name differs
-_KIND_WORDS = {("one-bn-after-several-layers", "torch.export"), ("one-bn-after-several-layers", "onnx")}
+# the words a kind cannot show: ONNX / aten have one BN node per call, the flatten twin's name differs, the
+# ONNX exporter drops an eval-mode Dropout
+_KIND_WORDS = {
+    ("following-through-dropout", "onnx"),
+    ("one-bn-after-several-layers", "torch.export"),
+    ("one-bn-after-several-layers", "onnx"),
+}
 _KIND_WORDS |= {("one-bn-after-several-layers/twin-input-call", k) for k in ("torch.export", "onnx")}
 
 

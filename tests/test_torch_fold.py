@@ -749,3 +749,36 @@ def test_bn_after_bn_after_a_shared_conv_is_kept():
     folded, report = bnfold.fold(model)
     assert report.bn_folded == 0, str(report)
     assert_equivalent(model, folded, torch.randn(2, 3, 9, 9))
+
+
+class _DeviceCache(nn.Module):
+    """timm LeViT / EfficientFormer's pattern: in eval mode a tensor is cached under the input's device."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.bias = nn.Parameter(torch.randn(4, 1, 1))
+        self.cache: dict = {}
+
+    def cached_bias(self, device):
+        key = str(device)
+        if key not in self.cache:
+            self.cache[key] = self.bias * 2
+        return self.cache[key]
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.cached_bias(x.device)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_tracing_leaves_no_proxy_in_a_models_cache(inplace):
+    """Tracing fills the cache with a fx Proxy; a second trace then read a dead graph ("nonexistent value")."""
+    model = randomized(_DeviceCache())
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():  # an eager run first: a real tensor cached under "cpu" stays
+        expected = model(x)
+    folded, report = bnfold.fold(model, x, inplace=inplace)  # traces twice: without, then with the example input
+    assert report.bn_folded == 1
+    assert list(model.cache) == ["cpu"] and isinstance(model.cache["cpu"], torch.Tensor)
+    assert list(folded.cache) == ["cpu"]
+    torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)

@@ -54,11 +54,18 @@ def _commutes(op: Op, affine: Affine) -> None:
         raise FoldRefused(f"a BN scale is not positive, so BN does not commute with {op.label}")
 
 
+def _passes_through(op: Op, value: Value) -> bool:
+    """Whether BN commutes with ``op`` read at ``value``: a pool, or an op passing ``value`` on (Dropout, Identity)."""
+    passes_on = op.kind is OpKind.SUM and list(op.inputs) == [value]  # a one-input sum: its input, unchanged
+    return passes_on or (op.kind in (OpKind.MAX_POOL, OpKind.AVG_POOL) and list(op.inputs)[:1] == [value])
+
+
 def pools_before(view: GraphView, value: Value, reader: Node, affine: Affine) -> tuple[Value, Node, list[Op]]:
     """Walk back from ``value`` (read by ``reader``) through pools BN commutes with.
 
     ``BN(pool(x)) == pool(BN(x))`` for an average pool over real values only, and for
     a max pool when every scale is positive; so BN may fold into the layer before a pool.
+    Ops that pass their input on (eval-mode Dropout, Identity) are walked through too.
 
     Returns:
         The value before the pools, its reader, and the pools passed (nearest first).
@@ -66,7 +73,7 @@ def pools_before(view: GraphView, value: Value, reader: Node, affine: Affine) ->
     pools: list[Op] = []
     while (producer := view.producer(value)) is not None:
         op = view.op(producer)
-        if op.kind not in (OpKind.MAX_POOL, OpKind.AVG_POOL):
+        if not op.inputs or not _passes_through(op, op.inputs[0]):
             break
         _commutes(op, affine)
         only_reader(view, value, reader, op.label)
@@ -87,7 +94,7 @@ def pools_after(view: GraphView, value: Value, affine: Affine) -> tuple[Value, l
         if len(readers) != 1 or readers[0] is None:
             return value, pools
         op = view.op(readers[0])
-        if op.kind not in (OpKind.MAX_POOL, OpKind.AVG_POOL) or list(op.inputs) != [value]:
+        if not _passes_through(op, value):
             return value, pools
         _commutes(op, affine)
         pools.append(op)
@@ -99,7 +106,7 @@ def reached_before(view: GraphView, node: Node) -> Op | None:
     value = view.bn_input(node)
     while (producer := view.producer(value)) is not None:
         op = view.op(producer)
-        if op.kind not in (OpKind.MAX_POOL, OpKind.AVG_POOL):
+        if not op.inputs or not _passes_through(op, op.inputs[0]):
             return op
         value = op.inputs[0]
     return None

@@ -67,6 +67,14 @@ def _shape(node: object) -> tuple | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+def _passes_input_on(node: fx.Node) -> bool:
+    """``aten.dropout(x, p, train=False)``, ``alias`` or ``clone``: the value of ``x`` itself."""
+    if node.target is aten.dropout.default:
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        return train is False and isinstance(node.args[0], fx.Node)
+    return node.target in (aten.alias.default, aten.clone.default) and isinstance(node.args[0], fx.Node)
+
+
 def _flattens_channels(node: fx.Node) -> bool:
     """(N, C, ...) -> (N, C * ...), proven from the exported shapes."""
     before, after = _shape(node.args[0]), _shape(node)
@@ -220,6 +228,8 @@ class AtenView(Float64Staging):
         plain_add = plain_add or (in_place and isinstance(node.args[0], fx.Node) and list(node.args[0].users) == [node])
         if plain_add and all(isinstance(a, fx.Node) for a in node.args):
             return Op(node, OpKind.SUM, list(node.args), node, label)
+        if _passes_input_on(node):  # a one-input sum: the rules walk through it
+            return Op(node, OpKind.SUM, [node.args[0]], node, label)
         if target in _RESHAPES and _flattens_channels(node):
             return Op(node, OpKind.FLATTEN, [node.args[0]], node, label)
         if target in _MAX_POOLS:

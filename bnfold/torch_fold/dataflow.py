@@ -9,8 +9,11 @@ torch function and tensor method called outside those modules.
 from __future__ import annotations
 
 import collections
+import contextlib
+import copy
 import dataclasses
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -152,6 +155,50 @@ def _fx_inputs(node: fx.Node) -> list[int]:
     return [id(n) for n in found]
 
 
+def _holds_proxy(value: object, depth: int = 2) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if depth and isinstance(value, dict):
+        return any(_holds_proxy(k, 0) or _holds_proxy(v, depth - 1) for k, v in value.items())
+    if depth and isinstance(value, (list, tuple, set)):
+        return any(_holds_proxy(v, depth - 1) for v in value)
+    return False
+
+
+@contextlib.contextmanager
+def no_proxies_left_behind(model: nn.Module) -> Iterator[None]:
+    """Undo what tracing wrote into the model's Python state: attributes and caches that now hold fx Proxies.
+
+    Tracing runs the model's own forward, and some forwards cache: timm's LeViT and EfficientFormer keep an
+    attention-bias cache keyed by the input's device, which under tracing becomes a Proxy keyed
+    ``"Proxy(getattr_2)"``. Left there, the next trace reads a node of a finished graph (fx: "referenced
+    nonexistent value"), and the user's model holds a dead graph. Only values that hold a Proxy are put back.
+    """
+    saved = []
+    for module in model.modules():
+        attributes = dict(vars(module))
+        contents = {k: copy.copy(v) for k, v in attributes.items() if isinstance(v, (dict, list, set))}
+        saved.append((module, attributes, contents))
+    try:
+        yield
+    finally:
+        for module, attributes, contents in saved:
+            state = vars(module)
+            for key, value in list(state.items()):
+                if not _holds_proxy(value):
+                    continue
+                if key not in attributes:
+                    del state[key]
+                elif key in contents and value is attributes[key]:  # the same container, filled in place
+                    value.clear()
+                    if isinstance(value, list):
+                        value.extend(contents[key])
+                    else:
+                        value.update(contents[key])
+                else:
+                    state[key] = attributes[key]
+
+
 def trace(model: nn.Module, example_inputs: tuple | None) -> DataFlow:
     """Find the data flow by symbolic tracing.
 
@@ -166,7 +213,8 @@ def trace(model: nn.Module, example_inputs: tuple | None) -> DataFlow:
         Exception: Whatever fx raises on an untraceable model.
     """
     tracer = _LeafTracer()
-    graph = tracer.trace(model)
+    with no_proxies_left_behind(model):
+        graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph)
     if example_inputs is not None:
         with torch.no_grad():  # a forward with grad leaves non-leaf tensors behind (spectral_norm's weight)
