@@ -72,6 +72,17 @@ def _residual(m, x):
     return m.bn(y) + y
 
 
+def _rows_bn(m, x):
+    """timm LeViT's LinearNorm: a Linear on (B, N, C), BatchNorm1d over its rows, reshaped back."""
+    y = m.fc(x)
+    return m.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+def _positions_bn(m, x):
+    """The twin: BatchNorm1d over (B, N * C), one channel per position and feature: no per-feature map."""
+    return m.bn(m.fc(x).flatten(1))
+
+
 def _sum2(m, x):
     return m.bn(m.a(x) + m.b(x))
 
@@ -171,6 +182,12 @@ ROWS = {
     ),
     "preceding-through-identity": Row(
         lambda: nn.Sequential(nn.Linear(6, 5), nn.Identity(), nn.BatchNorm1d(5)), (4, 6), 0
+    ),
+    "preceding-through-row-reshape": Row(
+        lambda: Net(_rows_bn, fc=nn.Linear(6, 4), bn=nn.BatchNorm1d(4)), (2, 3, 6), 0, "through"
+    ),
+    "preceding-through-row-reshape/twin-positions-as-channels": Row(
+        lambda: Net(_positions_bn, fc=nn.Linear(6, 4), bn=nn.BatchNorm1d(12)), (2, 3, 6), 1, "last axis"
     ),
     "sum-of-two": Row(lambda: Net(_sum2, a=_conv(), b=_conv(), bn=_bn()), (2, 3, 6, 6), 0),
     "sum-of-three": Row(lambda: Net(_sum3, a=_conv(), b=_conv(), c=_conv(), bn=_bn()), (2, 3, 6, 6), 0),

@@ -40,6 +40,7 @@ PURE_OPS = frozenset(
         "Expand",
         "ConstantOfShape",
         "Concat",
+        "Transpose",
         *_BINARY,
         *_UNARY,
     }
@@ -81,6 +82,11 @@ def _evaluate(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray | None
     if op in _UNARY and len(args) == 1:
         with np.errstate(all="ignore"):
             return np.asarray(_UNARY[op](args[0]), dtype=args[0].dtype)
+    if op == "Transpose" and len(args) == 1:  # torch's Linear on a 3-D input: MatMul(x, Transpose(W))
+        perm = _attr(node, "perm")
+        if perm is not None and sorted(perm) != list(range(args[0].ndim)):
+            return None
+        return np.ascontiguousarray(np.transpose(args[0], perm))
     if op == "Cast" and len(args) == 1:
         return args[0].astype(helper.tensor_dtype_to_np_dtype(int(_attr(node, "to"))))
     if op == "Expand" and len(args) == 2:

@@ -432,6 +432,11 @@ class OnnxView:
         """From shape inference."""
         return self.index.ranks.get(value)
 
+    def last_dim(self, value: str) -> int | None:
+        """From shape inference, where the last axis has a static size."""
+        shape = self.index.shapes.get(value)
+        return shape[-1] if shape else None
+
     def label(self, node: onnx.NodeProto | None) -> str:
         """``OpType 'name'``."""
         return _label(node)
@@ -456,6 +461,8 @@ class OnnxView:
             kind, axis = OpKind.CONCAT, int(_attr(node, "axis", 0))
         elif self.flattens_channels(node, node.input[0] if node.input else ""):
             kind, inputs = OpKind.FLATTEN, inputs[:1]
+        elif op_type in ("Reshape", "Flatten") and inputs:
+            kind, inputs = OpKind.RESHAPE, inputs[:1]
         elif self._max_pool(node):
             kind, inputs = OpKind.MAX_POOL, inputs[:1]
         elif self._average_pool(node):
@@ -487,9 +494,11 @@ class OnnxView:
         return auto_pad in ("NOTSET", "VALID") and not any(_attr(node, "pads", []) or [])
 
     def scale_output(self, layer: Layer, affine: Affine, *, final_output: str | None = None) -> Staged:
-        """Rounded results; a large Conv no later BN can reach is folded a block at a time."""
+        """Rounded results; a large Conv no later BN can reach is folded a block at a time.
+
+        The rule has proven the channel axis (``check_channel_axis``, or a row-keeping reshape).
+        """
         state: _Layer = layer.state
-        self.check_matmul_axis(state)
         exact_needed = True if final_output is None else self.may_fold_again(state, final_output)
         notes: list[str] = []
         weight, bias = self.fold_into(state, affine, notes, exact_needed=exact_needed)

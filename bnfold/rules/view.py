@@ -37,6 +37,7 @@ class OpKind(enum.Enum):
     FLATTEN = "flatten"  # (N, C, ...) -> (N, C * ...): each channel stays one contiguous run
     MAX_POOL = "max_pool"  # commutes with a per-channel map whose scales are positive
     AVG_POOL = "avg_pool"  # averages real values only (no zero padding counted): commutes with any per-channel map
+    RESHAPE = "reshape"  # any other row-major reshape / view / flatten of one tensor (its shapes: ``last_dim``)
     OTHER = "other"
 
 
@@ -174,6 +175,9 @@ class GraphView(Protocol):
 
     def rank(self, value: Value) -> int | None:
         """The rank of ``value``, where known."""
+
+    def last_dim(self, value: Value) -> int | None:
+        """The size of ``value``'s last axis, where known as a number."""
 
     def op(self, node: Node) -> Op:
         """What ``node`` does."""

@@ -55,6 +55,11 @@ _MAX_POOLS = tuple(getattr(aten, f"max_pool{n}d").default for n in (1, 2, 3))
 _AVG_POOLS = tuple(getattr(aten, f"avg_pool{n}d").default for n in (1, 2, 3))
 _ADAPTIVE_AVG = tuple(getattr(aten, f"adaptive_avg_pool{n}d").default for n in (1, 2, 3))
 _RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints)
+# ``reshape_as(x, other)`` / ``view_as`` / ``expand_as``: only ``x``'s values are used, ``other`` gives a shape
+_RESHAPE_AS = tuple(
+    op for name in ("reshape_as", "view_as") if (op := getattr(getattr(aten, name, None), "default", None))
+)
+_SHAPE_OF_SECOND = (*_RESHAPE_AS, *((aten.expand_as.default,) if hasattr(aten, "expand_as") else ()))
 
 
 def has_aten_batch_norm(module: nn.Module) -> bool:
@@ -188,11 +193,13 @@ class AtenView(Float64Staging):
         return value if isinstance(value, fx.Node) and value.op == "call_function" else None
 
     def readers(self, value: fx.Node) -> list[fx.Node | None]:
-        """Readers, once per read; the graph output is None."""
+        """Readers, once per read; the graph output is None. ``reshape_as(x, other)`` reads only ``other``'s shape."""
         found: list[fx.Node | None] = []
         for user in value.users:
             reads: list[fx.Node] = []
-            fx.node.map_arg((user.args, user.kwargs), reads.append)
+            fx.node.map_arg(
+                (user.args[:1] if user.target in _SHAPE_OF_SECOND else (user.args, user.kwargs)), reads.append
+            )
             count = sum(r is value for r in reads)
             found += [None if user.op == "output" else user] * count
         return found
@@ -201,6 +208,11 @@ class AtenView(Float64Staging):
         """From the exported shapes."""
         shape = _shape(value)
         return None if shape is None else len(shape)
+
+    def last_dim(self, value: object) -> int | None:
+        """From the exported shapes (a number, not a symbolic size)."""
+        shape = _shape(value)
+        return shape[-1] if shape and isinstance(shape[-1], int) else None
 
     def label(self, node: fx.Node | None) -> str:
         """The node's name."""
@@ -232,6 +244,8 @@ class AtenView(Float64Staging):
             return Op(node, OpKind.SUM, [node.args[0]], node, label)
         if target in _RESHAPES and _flattens_channels(node):
             return Op(node, OpKind.FLATTEN, [node.args[0]], node, label)
+        if target in (*_RESHAPES, *_RESHAPE_AS) and isinstance(node.args[0], fx.Node):
+            return Op(node, OpKind.RESHAPE, [node.args[0]], node, label)
         if target in _MAX_POOLS:
             return Op(node, OpKind.MAX_POOL, [node.args[0]], node, label)
         if (target in _AVG_POOLS and _avg_pool_exact(node)) or target in _ADAPTIVE_AVG:

@@ -35,6 +35,8 @@ BATCH_NORM_FUNCTIONS = (F.batch_norm, torch.batch_norm)
 _METADATA = frozenset(
     {"size", "dim", "numel", "shape", "dtype", "device", "ndim", "is_contiguous", "__len__", "layout", "is_cuda"}
 )
+# ``x.reshape_as(other)``: only ``x``'s values are used, ``other`` gives a shape
+_SHAPE_OF_SECOND = frozenset({"reshape_as", "view_as", "expand_as"})
 
 
 @dataclasses.dataclass(eq=False)
@@ -84,6 +86,7 @@ class DataFlow:
         modules: The modules by qualified name (each module object once).
         module_calls: How many times each module object (by ``id``) is called.
         ranks: Rank of each value, where known.
+        last_dims: Size of each value's last axis, where known.
         external_tensors: ``id`` of parameters and buffers read outside their
             module's own call (e.g. ``F.conv2d(x, self.conv.weight)``).
         graph_module: The traced GraphModule (fx only).
@@ -96,6 +99,7 @@ class DataFlow:
     ranks: dict[int, int]
     external_tensors: set[int]
     graph_module: fx.GraphModule | None = None
+    last_dims: dict[int, int] = dataclasses.field(default_factory=dict)
     _cache: tuple[dict[int, Call], dict[int, list[Call]]] | None = dataclasses.field(default=None, repr=False)
 
     def _index(self) -> tuple[dict[int, Call], dict[int, list[Call]]]:
@@ -138,6 +142,11 @@ def _rank_of(node: fx.Node) -> int | None:
     return len(shape) if shape is not None else None
 
 
+def _last_dim_of(node: fx.Node) -> int | None:
+    shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    return int(shape[-1]) if shape else None
+
+
 class _LeafTracer(fx.Tracer):
     proxy_buffer_attributes = True
 
@@ -150,6 +159,8 @@ def _fx_inputs(node: fx.Node) -> list[int]:
         return []
     if node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA:
         return []
+    if node.op == "call_method" and node.target in _SHAPE_OF_SECOND and isinstance(node.args[0], fx.Node):
+        return [id(node.args[0])]
     found: list[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), found.append)
     return [id(n) for n in found]
@@ -241,7 +252,8 @@ def trace(model: nn.Module, example_inputs: tuple | None) -> DataFlow:
         output = None if op == "output" else id(node)
         calls.append(Call(op, node.target, _fx_inputs(node), output, node.args, dict(node.kwargs), node))
     ranks = {id(node): r for node in graph.nodes if (r := _rank_of(node)) is not None}
-    return DataFlow("torch.fx", calls, modules, module_calls, ranks, external, gm)
+    last_dims = {id(node): d for node in graph.nodes if (d := _last_dim_of(node)) is not None}
+    return DataFlow("torch.fx", calls, modules, module_calls, ranks, external, gm, last_dims)
 
 
 class _Recorder(TorchFunctionMode):
@@ -252,6 +264,7 @@ class _Recorder(TorchFunctionMode):
         self.calls: list[Call] = []
         self.values: dict[int, int] = {}
         self.ranks: dict[int, int] = {}
+        self.last_dims: dict[int, int] = {}
         self.keep: list[torch.Tensor] = []
         self.depth = 0
         self.module_calls: collections.Counter = collections.Counter()
@@ -278,6 +291,8 @@ class _Recorder(TorchFunctionMode):
                 last = len(self.keep)
                 self.values[id(leaf)] = last
                 self.ranks[last] = leaf.dim()
+                if leaf.dim():
+                    self.last_dims[last] = int(leaf.shape[-1])
         return last
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, D105
@@ -287,7 +302,7 @@ class _Recorder(TorchFunctionMode):
             name = getattr(func, "__name__", "")
             if name == "__get__":
                 name = getattr(getattr(func, "__self__", None), "__name__", name)
-            inputs = [] if name in _METADATA else self.read((args, kwargs))
+            inputs = [] if name in _METADATA else self.read(args[:1] if name in _SHAPE_OF_SECOND else (args, kwargs))
             if name not in _METADATA:
                 self.calls.append(Call("function", func, inputs, self.write(result), tuple(args), dict(kwargs)))
         return result
@@ -330,4 +345,13 @@ def record(model: nn.Module, example_inputs: tuple) -> DataFlow:
         for handle in handles:
             handle.remove()
     modules = {name: module for name, module in model.named_modules()}
-    return DataFlow("recorded", recorder.calls, modules, recorder.module_calls, recorder.ranks, recorder.external, None)
+    return DataFlow(
+        "recorded",
+        recorder.calls,
+        modules,
+        recorder.module_calls,
+        recorder.ranks,
+        recorder.external,
+        None,
+        recorder.last_dims,
+    )

@@ -239,6 +239,10 @@ class ModuleView(Float64Staging):
         """From shape propagation or the recorded run, where there was one."""
         return self.flow.ranks.get(value)
 
+    def last_dim(self, value: int) -> int | None:
+        """From shape propagation or the recorded run, where there was one."""
+        return self.flow.last_dims.get(value)
+
     def label(self, call: Call | None) -> str:
         """A module's name, a function's name."""
         return "the model output" if call is None else call.describe()
@@ -252,7 +256,7 @@ class ModuleView(Float64Staging):
             inputs = inputs[:1] if kind is not OpKind.OTHER else inputs
         elif call.op == "function":
             kind, axis = self._function_kind(call)
-            if kind in (OpKind.FLATTEN, OpKind.MAX_POOL, OpKind.AVG_POOL):
+            if kind in (OpKind.FLATTEN, OpKind.MAX_POOL, OpKind.AVG_POOL, OpKind.RESHAPE):
                 inputs = inputs[:1]
         return Op(call, kind, inputs, call.output, self.label(call), axis=axis)
 
@@ -298,6 +302,8 @@ class ModuleView(Float64Staging):
             return OpKind.FLATTEN, None
         if name in ("view", "reshape") and len(call.args) == 3 and call.args[2] == -1 and self._batch_size(call):
             return OpKind.FLATTEN, None
+        if name in ("flatten", "view", "reshape", "reshape_as") and call.inputs and call.op == "function":
+            return OpKind.RESHAPE, None
         if name in ("max_pool1d", "max_pool2d", "max_pool3d") and not _arg(call, 6, "return_indices", False):
             return OpKind.MAX_POOL, None
         if name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d") or self._exact_average(call):
