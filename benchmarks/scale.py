@@ -253,9 +253,10 @@ def resnet50_case(tools: list[str], folder: Path, timeout: float) -> list[dict]:
 WORK_ONLY = {  # the same jobs timed inside the process, after the imports: the work itself
     "bnfold": (
         "import sys, time\nfrom bnfold.onnx_fold import fold_onnx, load_onnx, save_onnx\n"
-        "from bnfold.onnx_fold.files import uses_external_data\nstart = time.perf_counter()\n"
-        "model = load_onnx(sys.argv[1]); external = uses_external_data(model)\n"
-        "folded, _ = fold_onnx(model, copy=False)\n"
+        "from bnfold.onnx_fold.files import Scratch, keeps_data_apart, uses_external_data\n"
+        "start = time.perf_counter()\n"
+        "model = load_onnx(sys.argv[1], lazy=True); external = keeps_data_apart(model)\n"
+        "folded, _ = fold_onnx(model, copy=False, scratch=Scratch() if uses_external_data(model) else None)\n"
         "save_onnx(folded, sys.argv[2], external_data=True if external else None)\n"
         "print(time.perf_counter() - start)\n"
     ),

@@ -19,7 +19,7 @@ from bnfold.lazy import is_script_module, is_tensor
 from bnfold.model_io.loading import Loaded, load_detailed
 from bnfold.model_io.outputs import atomic_write
 from bnfold.onnx_fold import fold_onnx, save_onnx
-from bnfold.onnx_fold.files import uses_external_data
+from bnfold.onnx_fold.files import Scratch, keeps_data_apart, uses_external_data
 from bnfold.report import FoldReport
 
 if TYPE_CHECKING:  # the torch half is imported only for torch models: ONNX jobs never load torch
@@ -244,7 +244,8 @@ def run_pipeline(
             f"{out}: unsupported output suffix {out.suffix or '(none)'}; use {', '.join(OUTPUT_SUFFIXES)}"
         )
     stage("load")
-    loaded = load_detailed(path, arch, arch_kwargs, unsafe_pickle=unsafe_pickle, trust_arch=trust_arch)
+    # an ONNX file is folded and saved here: its weights can stay in the file until then
+    loaded = load_detailed(path, arch, arch_kwargs, unsafe_pickle=unsafe_pickle, trust_arch=trust_arch, lazy_onnx=True)
     if out is not None:
         _check_output_kind(loaded, out)
     if not is_script_module(loaded.model):
@@ -276,13 +277,14 @@ def _run_onnx(
         raise BnfoldError(f"{out}: an ONNX input is written as .onnx")
     options.stage("fold (ONNX pass)")
     try:
-        input_external = uses_external_data(loaded.model)
+        input_external = keeps_data_apart(loaded.model)
         # the original is needed again only to verify or benchmark against: otherwise fold it in place
         folded, report = fold_onnx(
             loaded.model,
             allow_initializer_inputs=allow_initializer_inputs,
             copy=options.do_verify or options.do_bench,
             merge_branches=options.merge_branches,
+            scratch=Scratch() if out is not None and uses_external_data(loaded.model) else None,
         )
     except BnfoldError as error:
         raise BnfoldError(f"{path}: {error}") from None

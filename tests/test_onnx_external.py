@@ -162,3 +162,86 @@ def test_save_is_canonical_protobuf(tmp_path):
     model = conv_bn_model(channels=8)
     out = save_onnx(model, tmp_path / "m.onnx")
     assert out.read_bytes() == model.SerializeToString()
+
+
+def _lazy_everything(monkeypatch):
+    """Every file read with its weights left in it, every folded weight spilled to the scratch file."""
+    import bnfold.onnx_fold.files as files
+    import bnfold.onnx_fold.graph as graph
+
+    monkeypatch.setattr(files, "_LAZY_MIN_BYTES", 0)
+    monkeypatch.setattr(graph, "SCRATCH_FROM_BYTES", 0)
+    appended = []
+    original = files.Scratch.append
+
+    def counting(self, data):
+        appended.append(len(data))
+        return original(self, data)
+
+    monkeypatch.setattr(files.Scratch, "append", counting)
+    return appended
+
+
+def test_an_inline_file_read_with_its_weights_left_in_it_folds_and_saves_inline(tmp_path, monkeypatch):
+    from bnfold.onnx_fold.files import Scratch, keeps_data_apart
+
+    appended = _lazy_everything(monkeypatch)
+    source = tmp_path / "in.onnx"
+    onnx.save(conv_bn_model(channels=8), str(source))
+    model = load_onnx(source, lazy=True)
+    weights = [t for t in model.graph.initializer if t.name in ("w0", "w1")]
+    assert [t.data_location for t in weights] == [TensorProto.EXTERNAL] * 2  # left in the file
+    assert uses_external_data(model) and not keeps_data_apart(model)  # ... which is still an inline file
+    full = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(source)).graph.initializer}
+    for tensor in model.graph.initializer:
+        np.testing.assert_array_equal(_decode(tensor), full[tensor.name])
+    scratch = Scratch()
+    folded, report = fold_onnx(model, copy=False, scratch=scratch)
+    assert report.bn_folded == 2 and appended and scratch.path.stat().st_size >= sum(appended)
+    out = tmp_path / "out.onnx"
+    save_onnx(folded, out)
+    assert not (tmp_path / "out.onnx.data").exists()
+    assert not uses_external_data(onnx.load(str(out), load_external_data=False))  # written inline, as the input
+    x = np.random.default_rng(0).standard_normal((2, 8, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, x), _run(source, x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_cli_pipeline_reads_lazily_and_spills_to_scratch(tmp_path, monkeypatch):
+    appended = _lazy_everything(monkeypatch)
+    source = tmp_path / "in.onnx"
+    onnx.save(conv_bn_model(channels=8), str(source))
+    result = run_pipeline(source, output=tmp_path / "out.onnx")
+    assert result.report.bn_folded == 2 and len(appended) >= 2
+    assert not (tmp_path / "out.onnx.data").exists()
+    x = np.random.default_rng(1).standard_normal((2, 8, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "out.onnx", x), _run(source, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "length-past-end"])
+def test_a_damaged_inline_file_read_lazily_is_one_line(tmp_path, monkeypatch, damage):
+    _lazy_everything(monkeypatch)
+    data = conv_bn_model(channels=8).SerializeToString()
+    if damage == "truncated":
+        data = data[: len(data) // 2]
+    else:  # the first raw_data length made larger than the file
+        raw = onnx.numpy_helper.to_array(conv_bn_model(channels=8).graph.initializer[0]).tobytes()
+        at = data.index(raw)
+        data = data[: at - 2] + bytes([0x80 | 0x7F, 0x7F]) + data[at:]
+    (tmp_path / "bad.onnx").write_bytes(data)
+    with pytest.raises(BnfoldError, match="not a readable ONNX model|declares|external data"):
+        load_onnx(tmp_path / "bad.onnx", lazy=True)
+
+
+def test_cli_on_a_large_inline_file_leaves_no_scratch_file(tmp_path):
+    """17 MB of inline weights: read lazily and folded through a scratch file that is gone afterwards."""
+    source, out, scratch = tmp_path / "big.onnx", tmp_path / "out.onnx", tmp_path / "tmp"
+    onnx.save(conv_bn_model(channels=490), str(source))
+    scratch.mkdir()
+    env = {**__import__("os").environ, "TMPDIR": str(scratch)}
+    run = subprocess.run(
+        [sys.executable, "-m", "bnfold", "fold", str(source), "-o", str(out)], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr[-1500:]
+    assert list(scratch.iterdir()) == [] and not (tmp_path / "out.onnx.data").exists()
+    x = np.random.default_rng(2).standard_normal((2, 490, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, x), _run(source, x), rtol=1e-4, atol=1e-4)

@@ -168,3 +168,26 @@ def test_sigterm_to_the_cli_mid_fold(inputs, tmp_path):
         "bnfold: error: terminated by SIGTERM; no partial file is left"
     ]
     assert not any(p.name.endswith(".tmp") or p.name.startswith(".o.onnx") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_a_scratch_file_that_cannot_be_written_is_one_line(code, tmp_path, monkeypatch):
+    """Folded weights of a lazily read model go to a scratch file (TMPDIR); a full disk there is exit 2."""
+    import onnx
+    from test_no_torch import conv_bn_model
+
+    import bnfold.onnx_fold.files as files
+    import bnfold.onnx_fold.graph as graph
+
+    source, out = tmp_path / "in.onnx", tmp_path / "out" / "o.onnx"
+    onnx.save(conv_bn_model(channels=8), str(source))
+    out.parent.mkdir()
+    monkeypatch.setattr(files, "_LAZY_MIN_BYTES", 0)
+    monkeypatch.setattr(graph, "SCRATCH_FROM_BYTES", 0)
+    monkeypatch.setattr(files.tempfile, "mkstemp", _fail(code))
+    result = CliRunner().invoke(main, ["fold", str(source), "-o", str(out)])
+    monkeypatch.undo()
+    assert result.exit_code == 2, (result.output, result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith("bnfold: error:")]
+    assert len(errors) == 1 and "scratch file" in errors[0] and "TMPDIR" in errors[0], result.output
+    assert list(out.parent.iterdir()) == []

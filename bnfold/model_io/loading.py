@@ -86,6 +86,7 @@ def load_detailed(
     *,
     unsafe_pickle: bool = False,
     trust_arch: bool = False,
+    lazy_onnx: bool = False,
 ) -> Loaded:
     """Load a model file of any supported format (detected from its content).
 
@@ -102,6 +103,8 @@ def load_detailed(
         trust_arch: Build the ``package.module:callable`` that a bnfold file's
             recipe names (imports and runs that code). Without it such a file
             needs ``arch`` naming the code; zoo architectures need neither.
+        lazy_onnx: Leave a large inline ONNX file's weights in the file until a fold
+            reads them (see :func:`bnfold.onnx_fold.files.load_onnx`).
 
     Returns:
         The model and what is known about it.
@@ -116,7 +119,7 @@ def load_detailed(
     choice = {"arch": arch, "arch_kwargs": arch_kwargs, "trust_arch": trust_arch}
     fmt = detect_format(p)
     if fmt == "onnx":
-        return Loaded(load_onnx(p), fmt)
+        return Loaded(load_onnx(p, lazy=lazy_onnx), fmt)
     import torch
 
     from bnfold.model_io.checkpoint import read_checkpoint

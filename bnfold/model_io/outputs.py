@@ -29,17 +29,9 @@ def companions(path: str | os.PathLike) -> list[Path]:
 
         if not p.is_file() or detect_format(p) != "onnx":
             return []
-        import onnx
-        from onnx.external_data_helper import _get_all_tensors
+        from bnfold.onnx_fold.files import external_data_files
 
-        model = onnx.load(str(p), load_external_data=False)
-        found = []
-        for tensor in _get_all_tensors(model):
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                location = next((e.value for e in tensor.external_data if e.key == "location"), None)
-                if location:
-                    found.append(p.parent / location)
-        return sorted(set(found))
+        return external_data_files(p)
     except Exception:  # noqa: BLE001 - a file we cannot parse here is refused by the loader with its own message
         return []
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import mmap
 import os
 import shutil
 import tempfile
@@ -29,7 +30,9 @@ from bnfold.onnx_fold.tensors import (
 
 __all__ = [
     "PROTOBUF_LIMIT",
+    "external_data_files",
     "inline_copy",
+    "keeps_data_apart",
     "load_onnx",
     "save_onnx",
     "session_source",
@@ -40,10 +43,60 @@ __all__ = [
 PROTOBUF_LIMIT = 2**31 - 2**20
 _EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the .data file
 _ALIGN = 4096
+_LAZY_MIN_BYTES = 16 * 2**20  # inline files from this size are read with their weights left in the file
+# files whose tensors count as inline when an output's form is chosen: inline .onnx files read with their
+# weights left in place (``load_onnx(lazy=True)``) and bnfold's scratch files (resolved paths)
+_SELF_CONTAINED: set[str] = set()
+_SCRATCH_FILES: list[Path] = []
 
 
-def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+class Scratch:
+    """A temporary data file for the folded weights of a model whose own weights stay on disk.
+
+    ``bnfold fold`` then holds no folded layer in memory until the save: each is appended here
+    and referenced as external data, and :func:`save_onnx` copies it into the output in chunks.
+    The file is removed when the process ends.
+    """
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self._handle: Any = None
+
+    def append(self, data: bytes | memoryview) -> tuple[str, int]:
+        """Write ``data`` at the end; return ``(file, offset)``.
+
+        Raises:
+            BnfoldError: The scratch file cannot be written (a full disk: set TMPDIR elsewhere).
+        """
+        try:
+            if self._handle is None:
+                descriptor, name = tempfile.mkstemp(prefix="bnfold-scratch-", suffix=".data")
+                self._handle, self.path = os.fdopen(descriptor, "wb"), Path(name).resolve()
+                if not _SCRATCH_FILES:
+                    atexit.register(lambda: [f.unlink(missing_ok=True) for f in _SCRATCH_FILES])
+                _SCRATCH_FILES.append(self.path)
+                _SELF_CONTAINED.add(str(self.path))
+            offset = self._handle.tell()
+            self._handle.write(data)
+            self._handle.flush()
+        except OSError as error:
+            where = self.path or tempfile.gettempdir()
+            raise BnfoldError(
+                f"cannot write folded weights to the scratch file in {where} ({error.strerror or error}); "
+                "set TMPDIR to a folder with space"
+            ) from None
+        return str(self.path), offset
+
+
+def load_onnx(path: str | os.PathLike, *, lazy: bool = False) -> onnx.ModelProto:
     """Load an ONNX file; its external data stays on disk, checked, and is memory-mapped when read.
+
+    Args:
+        path: The file.
+        lazy: Also leave an inline file's large initializers in the file (16 MB files and up): each
+            becomes external data pointing at its own bytes in the file, read when a fold asks for it,
+            and written inline again by :func:`save_onnx`. The file must stay unchanged while the model
+            is used; meant for load -> fold -> save (``bnfold fold``).
 
     Raises:
         BnfoldError: Missing, truncated or not an ONNX model; external data that is
@@ -53,7 +106,9 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     if not p.is_file():
         raise BnfoldError(f"{p}: no such file")
     try:
-        model = onnx.load(str(p), load_external_data=False)
+        model = _load_leaving_weights(p) if lazy else None
+        if model is None:
+            model = onnx.load(str(p), load_external_data=False)
     except Exception as error:  # noqa: BLE001 - protobuf readers fail in many ways
         first = first_line(error, 200)
         raise BnfoldError(f"{p}: not a readable ONNX model ({first})") from None
@@ -67,9 +122,129 @@ def load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def _load_leaving_weights(path: Path) -> onnx.ModelProto | None:
+    """Parse an inline file without its initializers' raw bytes; None for a small or unusual file.
+
+    The protobuf wire format is walked three levels down (model -> graph -> initializer), everything
+    but ``raw_data`` is parsed as usual, and each initializer's ``raw_data`` becomes an external-data
+    reference to its byte range in this file. So the file's weights are not held twice (file bytes
+    and parsed model) while it loads; a tensor is read (memory-mapped) when a fold asks for it.
+    """
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size < _LAZY_MIN_BYTES:
+            return None
+        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        top = _wire_fields(data, 0, size)
+        graphs = [f for f in top or () if f[0] == 7]
+        if top is None or len(graphs) != 1 or graphs[0][1] != 2:
+            return None
+        model = onnx.ModelProto()
+        model.ParseFromString(b"".join(data[f[2] : f[4]] for f in top if f[0] != 7))
+        graph_fields = _wire_fields(data, graphs[0][3], graphs[0][4])
+        if graph_fields is None:
+            return None
+        graph = model.graph
+        graph.ParseFromString(b"".join(data[f[2] : f[4]] for f in graph_fields if f[0] != 5))
+        location = path.name
+        for _, _, _, start, end in (f for f in graph_fields if f[0] == 5):
+            tensor = graph.initializer.add()
+            fields = _wire_fields(data, start, end)
+            raw = [f for f in fields or () if f[0] == 9]
+            small = not raw or raw[0][4] - raw[0][3] < _EXTERNAL_THRESHOLD
+            if fields is None or len(raw) != 1 or raw[0][1] != 2 or small:
+                tensor.ParseFromString(data[start:end])
+                continue
+            tensor.ParseFromString(b"".join(data[f[2] : f[4]] for f in fields if f[0] != 9))
+            if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+                tensor.ParseFromString(data[start:end])  # raw bytes beside a reference: leave it to the checks
+                continue
+            raw_start, raw_end = raw[0][3], raw[0][4]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (
+                ("location", location),
+                ("offset", str(raw_start)),
+                ("length", str(raw_end - raw_start)),
+            ):
+                tensor.external_data.add(key=key, value=value)
+    finally:
+        data.close()
+    _SELF_CONTAINED.add(str(path.resolve()))
+    return model
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external data files an ONNX file names (beside it), read without its weights.
+
+    A large inline file is walked, not parsed whole (see :func:`load_onnx`'s ``lazy``).
+    """
+    p = Path(path)
+    model = _load_leaving_weights(p) or onnx.load(str(p), load_external_data=False)
+    found = set()
+    for tensor in external_tensors(model):
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if location and location != p.name:  # the file's own bytes (a lazily read tensor) are the file itself
+            found.add(p.parent / location)
+    return sorted(found)
+
+
+def _wire_fields(data: Any, start: int, end: int) -> list[tuple[int, int, int, int, int]] | None:  # noqa: ANN401
+    """``(number, wire type, field start, value start, field end)`` of each field in ``data[start:end]``.
+
+    None when the bytes are not a well-formed message (the normal parser then reports it).
+    """
+    fields = []
+    position = start
+    while position < end:
+        field_start = position
+        key, position = _read_varint(data, position, end)
+        if key is None:
+            return None
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, value_end = _read_varint(data, position, end)
+            if value_end is None:
+                return None
+            value_start, position = position, value_end
+        elif wire in (1, 5):
+            value_start, position = position, position + (8 if wire == 1 else 4)
+        elif wire == 2:
+            length, value_start = _read_varint(data, position, end)
+            if length is None:
+                return None
+            position = value_start + length
+        else:
+            return None
+        if position > end or number == 0:
+            return None
+        fields.append((number, wire, field_start, value_start, position))
+    return fields
+
+
+def _read_varint(data: Any, position: int, end: int) -> tuple[int | None, int]:  # noqa: ANN401 - bytes or mmap
+    value = shift = 0
+    while position < end and shift < 64:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, position
+        shift += 7
+    return None, position
+
+
 def uses_external_data(model: onnx.ModelProto) -> bool:
-    """Whether any tensor of ``model`` is stored as external data."""
+    """Whether any tensor of ``model`` is stored as external data (also a lazily read inline file's)."""
     return bool(external_tensors(model))
+
+
+def keeps_data_apart(model: onnx.ModelProto) -> bool:
+    """Whether the file ``model`` came from keeps tensors in a separate data file (its output should too).
+
+    Tensors that :func:`load_onnx` left in an inline file (``lazy=True``) do not count.
+    """
+    return any(external_location(t)[0] not in _SELF_CONTAINED for t in external_tensors(model))
 
 
 def _tensor_bytes(model: onnx.ModelProto) -> int:
@@ -134,7 +309,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, external_data:
     """
     out = Path(path)
     external = (
-        (uses_external_data(model) or _tensor_bytes(model) > PROTOBUF_LIMIT) if external_data is None else external_data
+        (keeps_data_apart(model) or _tensor_bytes(model) > PROTOBUF_LIMIT) if external_data is None else external_data
     )
     if not external and _tensor_bytes(model) > PROTOBUF_LIMIT:
         raise BnfoldError(f"{out}: the model is over 2 GB: it can only be written with external data")
@@ -178,6 +353,14 @@ def _write_streamed(model: onnx.ModelProto, staged: Path, data: Path | None, loc
         store = stack.enter_context(open(data, "wb")) if data is not None else None
         parts = []  # (tensor, encoding before raw_data, after it, raw_data length or None)
         for tensor in model.graph.initializer:
+            raw_length = declared_bytes(tensor)
+            if store is None and tensor.data_location == onnx.TensorProto.EXTERNAL and raw_length:
+                # written inline: its bytes are copied from their file when its turn comes, not held
+                shell = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+                if tensor.doc_string:
+                    shell.doc_string = tensor.doc_string
+                parts.append((tensor, *_split(shell, 9), raw_length))
+                continue
             stored = _stored(tensor, store, location)
             raw_length = declared_bytes(stored)
             if stored.data_location != onnx.TensorProto.EXTERNAL and stored.HasField("raw_data") and raw_length:
@@ -197,7 +380,11 @@ def _write_streamed(model: onnx.ModelProto, staged: Path, data: Path | None, loc
         handle.write(model_head + _varint(7 << 3 | 2) + _varint(graph_length) + graph_head)
         for (tensor, head, tail, raw_length), size in zip(parts, sizes, strict=True):
             handle.write(_varint(5 << 3 | 2) + _varint(size) + head)
-            if raw_length is not None:
+            if raw_length is not None and tensor.data_location == onnx.TensorProto.EXTERNAL:
+                handle.write(_varint(9 << 3 | 2) + _varint(raw_length))
+                source, start, _ = external_location(tensor)
+                _copy_range(source, start, raw_length, handle, tensor.name)
+            elif raw_length is not None:
                 raw = tensor.raw_data
                 if len(raw) != raw_length:
                     raise BnfoldError(f"tensor '{tensor.name[:80]}' holds {len(raw)} bytes, declares {raw_length}")
@@ -258,15 +445,7 @@ def _stored(tensor: onnx.TensorProto, handle: Any, location: str) -> onnx.Tensor
     if external:
         source, start, length = external_location(tensor)
         length = length if length is not None else 0
-        with open(source, "rb") as src:
-            src.seek(start)
-            left = length
-            while left:
-                chunk = src.read(min(left, 64 * 2**20))
-                if not chunk:
-                    raise OSError(f"external data of '{tensor.name}' ends early in {source}")
-                handle.write(chunk)
-                left -= len(chunk)
+        _copy_range(source, start, length, handle, tensor.name)
     else:
         raw = tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes()
         length = len(raw)
@@ -279,6 +458,19 @@ def _stored(tensor: onnx.TensorProto, handle: Any, location: str) -> onnx.Tensor
     for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
         shell.external_data.add(key=key, value=value)
     return shell
+
+
+def _copy_range(source: str, start: int, length: int, handle: Any, name: str) -> None:  # noqa: ANN401 - a file
+    """Copy ``length`` bytes of ``source`` from ``start`` to ``handle``, 64 MB at a time."""
+    with open(source, "rb") as src:
+        src.seek(start)
+        left = length
+        while left:
+            chunk = src.read(min(left, 64 * 2**20))
+            if not chunk:
+                raise OSError(f"external data of '{name}' ends early in {source}")
+            handle.write(chunk)
+            left -= len(chunk)
 
 
 def _varint(value: int) -> bytes:

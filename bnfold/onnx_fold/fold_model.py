@@ -17,7 +17,7 @@ from onnx import helper
 
 from bnfold.errors import BnfoldError
 from bnfold.onnx_fold.constants import PURE_OPS
-from bnfold.onnx_fold.files import load_onnx, uses_external_data, without_field
+from bnfold.onnx_fold.files import Scratch, load_onnx, uses_external_data, without_field
 from bnfold.onnx_fold.graph import GraphIndex, names_read, subgraphs
 from bnfold.onnx_fold.onnx_view import OnnxView
 from bnfold.onnx_fold.tensors import check_model_tensors
@@ -58,6 +58,7 @@ class _Context:
     allow_initializer_inputs: bool
     merge_branches: bool
     names: set[str]
+    scratch: Scratch | None = None
     entries: list[LayerEntry] = dataclasses.field(default_factory=list)
     merges: list[MergeEntry] = dataclasses.field(default_factory=list)
 
@@ -65,6 +66,7 @@ class _Context:
 def _fold_graph(graph: onnx.GraphProto, outer: GraphIndex | None, context: _Context) -> None:
     index = GraphIndex(graph, outer, context.ranks, context.dtypes, context.allow_initializer_inputs)
     index.shapes = context.shapes
+    index.scratch = context.scratch
     index.names |= context.names
     view = OnnxView(index, context.opset)
     bn_entries, merges = fold_graph(view, RULES, extra=view.fold_decomposed_all, merge=context.merge_branches)
@@ -127,6 +129,7 @@ def fold_onnx(
     allow_initializer_inputs: bool = False,
     copy: bool = True,
     merge_branches: bool = True,
+    scratch: Scratch | None = None,
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every foldable BatchNormalization of an ONNX model.
 
@@ -141,6 +144,9 @@ def fold_onnx(
             place, which saves a copy of a large model.
         merge_branches: Also merge parallel convolution / BN / identity branches that are
             summed into one convolution (structural reparameterization, e.g. RepVGG blocks).
+        scratch: Write folded weights of 1 MB and up to this temporary file instead of memory
+            (they become external data there, removed when the process ends): for a fold that
+            is saved with :func:`save_onnx` in the same process, as ``bnfold fold`` does.
 
     Returns:
         ``(folded, report)``; ``folded`` passes ``onnx.checker`` (full check).
@@ -169,7 +175,9 @@ def fold_onnx(
         _value_types(inferred.graph, ranks, dtypes, shapes)
     except Exception as error:  # noqa: BLE001 - inference is a help, not a requirement
         notes.append(f"shape inference failed ({type(error).__name__}): MatMul folds that need ranks are refused")
-    context = _Context(ranks, dtypes, shapes, opset, allow_initializer_inputs, merge_branches, _all_names(proto.graph))
+    context = _Context(
+        ranks, dtypes, shapes, opset, allow_initializer_inputs, merge_branches, _all_names(proto.graph), scratch=scratch
+    )
     _fold_graph(proto.graph, None, context)
     if allow_initializer_inputs:
         initializers = {t.name for t in proto.graph.initializer}

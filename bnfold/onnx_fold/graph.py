@@ -25,6 +25,7 @@ import onnx
 from onnx import helper
 
 from bnfold.limits import LIMITS
+from bnfold.onnx_fold.files import Scratch
 from bnfold.onnx_fold.tensors import decode
 
 __all__ = ["FLOAT_DTYPES", "Encoded", "GraphIndex", "names_read", "subgraphs", "to_float64"]
@@ -36,6 +37,7 @@ FLOAT_DTYPES = {
     onnx.TensorProto.DOUBLE: np.dtype(np.float64),
 }
 CACHE_ELEMENTS = 2**16  # larger initializers are decoded (or memory-mapped) each time, never held
+SCRATCH_FROM_BYTES = 2**20  # with a scratch file, new initializers of this size and up go there
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
@@ -76,6 +78,11 @@ class Encoded:
         """Number of elements."""
         return math.prod(self.shape)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the encoded data."""
+        return len(self.data)
+
 
 class GraphIndex:
     """Producers, readers and constants of one graph, updated in place by each rewrite.
@@ -88,6 +95,7 @@ class GraphIndex:
         shapes: Value name -> dims (None where not static), where shape inference knew them.
         dtypes: Value name -> ONNX element type, where known.
         unavailable: Value name -> why its constant value was not computed (a budget).
+        scratch: Where new large initializers go (external data) instead of memory, if anywhere.
     """
 
     def __init__(
@@ -108,6 +116,7 @@ class GraphIndex:
         self._protos = {t.name: t for t in graph.initializer if t.name not in inputs or allow_initializer_inputs}
         self._values: dict[str, np.ndarray] = {}
         self._computed_elements = 0
+        self.scratch: Scratch | None = None
         self.unavailable: dict[str, str] = {}
         # keyed by id(); the values hold the node objects, so an id is never reused while recorded
         self._removed: dict[int, onnx.NodeProto] = {}
@@ -255,7 +264,16 @@ class GraphIndex:
         tensor.name = name
         tensor.data_type = helper.np_dtype_to_tensor_dtype(value.dtype)
         tensor.dims.extend(value.shape)
-        if isinstance(value, Encoded):
+        if self.scratch is not None and value.nbytes >= SCRATCH_FROM_BYTES:  # to disk, not memory
+            data = value.data if isinstance(value, Encoded) else np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+            length = value.nbytes
+            location, offset = self.scratch.append(data)
+            if isinstance(value, Encoded):
+                value.data = b""
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, entry in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                tensor.external_data.add(key=key, value=entry)
+        elif isinstance(value, Encoded):
             tensor.raw_data = value.data
             value.data = b""  # the protobuf holds its own copy now
         else:
