@@ -256,8 +256,10 @@ WORK_ONLY = {  # the same jobs timed inside the process, after the imports: the 
         "from bnfold.onnx_fold.files import Scratch, keeps_data_apart, uses_external_data\n"
         "start = time.perf_counter()\n"
         "model = load_onnx(sys.argv[1], lazy=True); external = keeps_data_apart(model)\n"
-        "folded, _ = fold_onnx(model, copy=False, scratch=Scratch() if uses_external_data(model) else None)\n"
-        "save_onnx(folded, sys.argv[2], external_data=True if external else None)\n"
+        "from pathlib import Path\nout = Path(sys.argv[2])\n"
+        "scratch = Scratch(out.parent, out.name) if uses_external_data(model) else None\n"
+        "folded, _ = fold_onnx(model, copy=False, scratch=scratch)\n"
+        "save_onnx(folded, out, external_data=True if external else None, scratch=scratch)\n"
         "print(time.perf_counter() - start)\n"
     ),
     "ort": ORT_BASIC,

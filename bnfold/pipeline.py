@@ -276,6 +276,8 @@ def _run_onnx(
     if out is not None and out.suffix != ".onnx":
         raise BnfoldError(f"{out}: an ONNX input is written as .onnx")
     options.stage("fold (ONNX pass)")
+    # a model whose weights stay on disk: its folded weights go to a file beside the output, not to memory
+    scratch = Scratch(out.parent, out.name) if out is not None and uses_external_data(loaded.model) else None
     try:
         input_external = keeps_data_apart(loaded.model)
         # the original is needed again only to verify or benchmark against: otherwise fold it in place
@@ -284,14 +286,14 @@ def _run_onnx(
             allow_initializer_inputs=allow_initializer_inputs,
             copy=options.do_verify or options.do_bench,
             merge_branches=options.merge_branches,
-            scratch=Scratch() if out is not None and uses_external_data(loaded.model) else None,
+            scratch=scratch,
         )
     except BnfoldError as error:
         raise BnfoldError(f"{path}: {error}") from None
     result = PipelineResult(loaded.format, report)
     if out is not None:
         # an input that kept its weights as external data gets an output that does too
-        save_onnx(folded, out, external_data=True if input_external else None)
+        save_onnx(folded, out, external_data=True if input_external else None, scratch=scratch)
         result.output = str(out)
         result.bn_left_in_output = _bn_nodes(folded)
     if options.do_verify:

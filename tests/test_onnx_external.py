@@ -234,14 +234,69 @@ def test_a_damaged_inline_file_read_lazily_is_one_line(tmp_path, monkeypatch, da
 
 def test_cli_on_a_large_inline_file_leaves_no_scratch_file(tmp_path):
     """17 MB of inline weights: read lazily and folded through a scratch file that is gone afterwards."""
-    source, out, scratch = tmp_path / "big.onnx", tmp_path / "out.onnx", tmp_path / "tmp"
+    source, out = tmp_path / "big.onnx", tmp_path / "out" / "out.onnx"
     onnx.save(conv_bn_model(channels=490), str(source))
-    scratch.mkdir()
-    env = {**__import__("os").environ, "TMPDIR": str(scratch)}
+    out.parent.mkdir()
     run = subprocess.run(
-        [sys.executable, "-m", "bnfold", "fold", str(source), "-o", str(out)], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "bnfold", "fold", str(source), "-o", str(out)], capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr[-1500:]
-    assert list(scratch.iterdir()) == [] and not (tmp_path / "out.onnx.data").exists()
+    assert [p.name for p in out.parent.iterdir()] == ["out.onnx"]  # inline, as the input; the scratch file gone
     x = np.random.default_rng(2).standard_normal((2, 490, 6, 6)).astype(np.float32)
     np.testing.assert_allclose(_run(out, x), _run(source, x), rtol=1e-4, atol=1e-4)
+
+
+def test_external_output_takes_over_the_scratch_file(tmp_path, monkeypatch):
+    """Folded weights are written once: the scratch file beside the output becomes its data file."""
+    import bnfold.onnx_fold.graph as graph
+    from bnfold.onnx_fold.files import Scratch
+
+    _lazy_everything(monkeypatch)
+    monkeypatch.setattr(graph, "SCRATCH_FROM_BYTES", 2000)  # the 2,304-byte weights go there, the biases do not
+    _save_external(conv_bn_model(channels=8), tmp_path / "in.onnx")
+    out = tmp_path / "out" / "o.onnx"
+    out.parent.mkdir()
+    scratch = Scratch(out.parent, out.name)
+    folded, report = fold_onnx(load_onnx(tmp_path / "in.onnx"), copy=False, scratch=scratch)
+    moved = scratch.path
+    assert report.bn_folded == 2 and moved.parent == out.parent.resolve()
+    save_onnx(folded, out, external_data=True, scratch=scratch)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["o.onnx", "o.onnx.data"] and not moved.exists()
+    assert (out.parent / "o.onnx.data").stat().st_mode == out.stat().st_mode  # not a private temporary file
+    x = np.random.default_rng(3).standard_normal((2, 8, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, x), _run(tmp_path / "in.onnx", x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(_run(folded, x), _run(out, x), rtol=0, atol=0)  # the proto reads the moved bytes
+
+
+def test_a_scratch_file_with_a_layer_folded_twice_is_copied_not_taken_over(tmp_path, monkeypatch):
+    """Bytes no tensor uses any more (a layer folded again) would bloat the output: the data is copied instead."""
+    from bnfold.onnx_fold.files import Scratch
+
+    _lazy_everything(monkeypatch)
+    _save_external(conv_bn_model(channels=8), tmp_path / "in.onnx")
+    scratch = Scratch(tmp_path, "o.onnx")
+    folded, _ = fold_onnx(load_onnx(tmp_path / "in.onnx"), copy=False, scratch=scratch)
+    scratch.append(b"unused")  # as if a folded layer had been replaced by a second fold
+    save_onnx(folded, tmp_path / "o.onnx", external_data=True, scratch=scratch)
+    assert scratch.path is not None and scratch.path.exists()  # not taken over; removed at exit
+    assert b"unused" not in (tmp_path / "o.onnx.data").read_bytes()
+    x = np.random.default_rng(4).standard_normal((2, 8, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(_run(tmp_path / "o.onnx", x), _run(tmp_path / "in.onnx", x), rtol=1e-4, atol=1e-5)
+
+
+def test_copying_without_copy_file_range_writes_the_same_bytes(tmp_path, monkeypatch):
+    """Where the kernel cannot copy between the files (another file system), bytes go through memory."""
+    import errno
+    import os
+
+    _save_external(conv_bn_model(channels=8), tmp_path / "in.onnx")
+    model = load_onnx(tmp_path / "in.onnx")
+    save_onnx(model, tmp_path / "fast.onnx", external_data=False)
+
+    def cross_device(*args):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device, raising=False)
+    save_onnx(model, tmp_path / "slow.onnx", external_data=False)
+    assert (tmp_path / "fast.onnx").read_bytes() == (tmp_path / "slow.onnx").read_bytes()
+    assert not uses_external_data(onnx.load(str(tmp_path / "slow.onnx"), load_external_data=False))

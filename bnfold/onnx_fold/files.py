@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import mmap
 import os
 import shutil
@@ -51,41 +52,81 @@ _SCRATCH_FILES: list[Path] = []
 
 
 class Scratch:
-    """A temporary data file for the folded weights of a model whose own weights stay on disk.
+    """A data file beside the output for the folded weights of a model whose own weights stay on disk.
 
     ``bnfold fold`` then holds no folded layer in memory until the save: each is appended here
-    and referenced as external data, and :func:`save_onnx` copies it into the output in chunks.
-    The file is removed when the process ends.
+    (4 KB aligned) and referenced as external data. :func:`save_onnx` with external data into the
+    same folder makes this file the output's data file, the other tensors appended to it, so the
+    folded weights are written once; an inline output copies them in chunks. A scratch file that
+    is not taken over so is removed when the process ends.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, folder: str | os.PathLike | None = None, name: str = "model.onnx") -> None:
+        """Create nothing yet: the file is made on the first :meth:`append`.
+
+        Args:
+            folder: Where (the output's folder: the same disk, so the file can become its data
+                file); default the temporary folder.
+            name: The output's file name, for the scratch file's (hidden) name.
+        """
+        self.folder = Path(folder) if folder is not None else None
+        self.name = name
         self.path: Path | None = None
+        self.payload = 0  # bytes appended, padding not counted
         self._handle: Any = None
 
-    def append(self, data: bytes | memoryview) -> tuple[str, int]:
+    def append(self, data: bytes | memoryview | np.ndarray) -> tuple[str, int]:
         """Write ``data`` at the end; return ``(file, offset)``.
 
         Raises:
-            BnfoldError: The scratch file cannot be written (a full disk: set TMPDIR elsewhere).
+            BnfoldError: The scratch file cannot be written (a full disk).
         """
         try:
             if self._handle is None:
-                descriptor, name = tempfile.mkstemp(prefix="bnfold-scratch-", suffix=".data")
+                descriptor, name = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".bnfold-scratch", dir=self.folder)
+                umask = os.umask(0)
+                os.umask(umask)
+                os.fchmod(descriptor, 0o666 & ~umask)  # as any file written: it may become the output's data file
                 self._handle, self.path = os.fdopen(descriptor, "wb"), Path(name).resolve()
                 if not _SCRATCH_FILES:
                     atexit.register(lambda: [f.unlink(missing_ok=True) for f in _SCRATCH_FILES])
                 _SCRATCH_FILES.append(self.path)
                 _SELF_CONTAINED.add(str(self.path))
             offset = self._handle.tell()
+            if offset % _ALIGN:
+                self._handle.write(b"\0" * (_ALIGN - offset % _ALIGN))
+                offset = self._handle.tell()
             self._handle.write(data)
             self._handle.flush()
         except OSError as error:
-            where = self.path or tempfile.gettempdir()
+            where = self.folder or tempfile.gettempdir()
             raise BnfoldError(
-                f"cannot write folded weights to the scratch file in {where} ({error.strerror or error}); "
-                "set TMPDIR to a folder with space"
+                f"cannot write folded weights to a scratch file in {where} ({error.strerror or error}); "
+                "free some space there"
             ) from None
+        self.payload += memoryview(data).nbytes
         return str(self.path), offset
+
+    def adoptable(self, model: onnx.ModelProto, directory: Path) -> bool:
+        """Whether this file can become the data file of ``model`` saved into ``directory``.
+
+        It must lie there, and every byte written must still be used (no layer folded twice).
+        """
+        if self.path is None or self.path.parent != directory.resolve():
+            return False
+        used = sum(external_location(t)[2] or 0 for t in external_tensors(model) if self.holds(t))
+        return used == self.payload
+
+    def holds(self, tensor: onnx.TensorProto) -> bool:
+        """Whether ``tensor``'s data lies in this file."""
+        external = tensor.data_location == onnx.TensorProto.EXTERNAL
+        return external and self.path is not None and external_location(tensor)[0] == str(self.path)
+
+    def close(self) -> None:
+        """Close the file (it stays until moved or the process ends)."""
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
 
 def load_onnx(path: str | os.PathLike, *, lazy: bool = False) -> onnx.ModelProto:
@@ -288,17 +329,26 @@ def session_source(model: onnx.ModelProto) -> bytes | str:
     return str(save_onnx(model, folder / "model.onnx", external_data=True))
 
 
-def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+def save_onnx(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    scratch: Scratch | None = None,
+) -> Path:
     """Write ``model`` atomically; with external data, tensors go to ``<name>.data`` beside it.
 
     External data is written tensor by tensor (a tensor already on disk is copied in
     chunks), so no copy of the whole model is made and no protobuf over 2 GB is built.
 
     Args:
-        model: The model (not modified).
+        model: The model (not modified, except that tensors in an adopted ``scratch`` then
+            point at the output's data file, which holds their bytes).
         path: The output file.
         external_data: Force (True) or forbid (False) external data; by default used
             when the model's tensors are external already or too large for one protobuf.
+        scratch: The fold's scratch file: with external data into its folder it becomes the
+            output's data file (the folded weights are not written twice).
 
     Returns:
         The output path.
@@ -320,7 +370,13 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, external_data:
         raise write_error(out, error) from None
     try:
         staged = tmp / out.name
-        if external:
+        adopted = scratch if external and scratch is not None and scratch.adoptable(model, directory) else None
+        if adopted is not None:
+            adopted.close()
+            _write_streamed(model, staged, adopted.path, f"{out.name}.data", adopted=adopted)
+            os.replace(adopted.path, directory / f"{out.name}.data")
+            _repoint(model, adopted, directory / f"{out.name}.data")
+        elif external:
             _write_streamed(model, staged, tmp / f"{out.name}.data", f"{out.name}.data")
             os.replace(tmp / f"{out.name}.data", directory / f"{out.name}.data")
         else:
@@ -333,7 +389,21 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, external_data:
     return out
 
 
-def _write_streamed(model: onnx.ModelProto, staged: Path, data: Path | None, location: str) -> None:
+def _repoint(model: onnx.ModelProto, scratch: Scratch, data: Path) -> None:
+    """Tensors whose bytes were in ``scratch`` (now moved to ``data``) read them there."""
+    target = str(data.resolve())
+    for tensor in external_tensors(model):
+        if scratch.holds(tensor):
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = target
+    _SELF_CONTAINED.discard(str(scratch.path))
+    scratch.path = None
+
+
+def _write_streamed(
+    model: onnx.ModelProto, staged: Path, data: Path | None, location: str, *, adopted: Scratch | None = None
+) -> None:
     """Write the model a tensor at a time: never one serialisation of the whole model.
 
     The bytes are protobuf's canonical encoding (fields in number order, the graph as one
@@ -342,7 +412,8 @@ def _write_streamed(model: onnx.ModelProto, staged: Path, data: Path | None, loc
     its raw data), and each tensor's raw bytes are copied once, straight to the file. The
     lengths are known beforehand from the pieces and the declared data sizes (checked
     against the data as it is written). With ``data``, large tensors go there and the
-    file holds references.
+    file holds references; with ``adopted`` (its file is ``data``), tensors already in it
+    stay where they are and the others are appended.
     """
     graph_shell = without_field(model.graph, "initializer")
     for tensor, _ in graph_tensors(graph_shell):  # tensors held in attributes and subgraphs stay inline
@@ -350,7 +421,7 @@ def _write_streamed(model: onnx.ModelProto, staged: Path, data: Path | None, loc
             tensor.CopyFrom(_inlined(tensor))
     graph_head, graph_tail = _split(graph_shell, 5)
     with contextlib.ExitStack() as stack:
-        store = stack.enter_context(open(data, "wb")) if data is not None else None
+        store = stack.enter_context(open(data, "ab" if adopted is not None else "wb")) if data is not None else None
         parts = []  # (tensor, encoding before raw_data, after it, raw_data length or None)
         for tensor in model.graph.initializer:
             raw_length = declared_bytes(tensor)
@@ -361,7 +432,8 @@ def _write_streamed(model: onnx.ModelProto, staged: Path, data: Path | None, loc
                     shell.doc_string = tensor.doc_string
                 parts.append((tensor, *_split(shell, 9), raw_length))
                 continue
-            stored = _stored(tensor, store, location)
+            stored = _kept(tensor, adopted, location) if adopted is not None and adopted.holds(tensor) else None
+            stored = stored or _stored(tensor, store, location)
             raw_length = declared_bytes(stored)
             if stored.data_location != onnx.TensorProto.EXTERNAL and stored.HasField("raw_data") and raw_length:
                 parts.append((stored, *_split(stored, 9), raw_length))
@@ -431,6 +503,18 @@ def _split(message: Any, number: int) -> tuple[bytes, bytes]:  # noqa: ANN401 - 
     return head.SerializeToString(), tail.SerializeToString()
 
 
+def _kept(tensor: onnx.TensorProto, scratch: Scratch, location: str) -> onnx.TensorProto:
+    """A reference to a tensor's bytes where they already are: in the scratch file that becomes the data file."""
+    _, offset, length = external_location(tensor)
+    shell = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    if tensor.doc_string:
+        shell.doc_string = tensor.doc_string
+    shell.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        shell.external_data.add(key=key, value=value)
+    return shell
+
+
 def _stored(tensor: onnx.TensorProto, handle: Any, location: str) -> onnx.TensorProto:  # noqa: ANN401
     """The tensor as written: inline when small or without ``handle``, else its bytes appended there and a reference."""
     external = tensor.data_location == onnx.TensorProto.EXTERNAL
@@ -461,8 +545,22 @@ def _stored(tensor: onnx.TensorProto, handle: Any, location: str) -> onnx.Tensor
 
 
 def _copy_range(source: str, start: int, length: int, handle: Any, name: str) -> None:  # noqa: ANN401 - a file
-    """Copy ``length`` bytes of ``source`` from ``start`` to ``handle``, 64 MB at a time."""
+    """Copy ``length`` bytes of ``source`` from ``start`` to ``handle`` (in the kernel, else 64 MB at a time)."""
     with open(source, "rb") as src:
+        if hasattr(os, "copy_file_range") and length:
+            handle.flush()
+            copied = 0
+            try:
+                while copied < length:
+                    step = os.copy_file_range(src.fileno(), handle.fileno(), length - copied, start + copied)
+                    if step == 0:
+                        raise OSError(f"external data of '{name}' ends early in {source}")
+                    copied += step
+                handle.seek(0, os.SEEK_END)
+                return
+            except OSError as error:
+                if copied or error.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
         src.seek(start)
         left = length
         while left:
