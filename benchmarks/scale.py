@@ -149,17 +149,19 @@ def match(source: Path, folded: Path, channels: int, spatial: int = 8) -> float:
     outs = []
     for path in (source, folded):
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        outs.append(session.run(None, {"x": x})[0].astype(np.float64))
+        outs.append(session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float64))
         del session
     scale = float(np.abs(outs[0]).max()) or 1.0
     return float(np.abs(outs[0] - outs[1]).max()) / scale
 
 
-def _match_isolated(source: Path, folded: Path, channels: int) -> float:
+def _match_isolated(source: Path, folded: Path, channels: int, spatial: int = 8) -> float:
     """:func:`match` in its own process, so this process stays small (its size would show in later forks)."""
     code = "import sys; sys.path.insert(0, sys.argv[1]); import scale, pathlib; "
-    code += "print(scale.match(pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3]), int(sys.argv[4])))"
-    args = [str(Path(__file__).parent), str(source), str(folded), str(channels)]
+    code += (
+        "print(scale.match(pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])))"
+    )
+    args = [str(Path(__file__).parent), str(source), str(folded), str(channels), str(spatial)]
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
 
@@ -242,7 +244,7 @@ def resnet50_case(tools: list[str], folder: Path, timeout: float) -> list[dict]:
         row |= {"tool": tool, **result, "memory_x_model": round(result["peak_mb"] / (weight_bytes / 2**20), 2)}
         if result["exit"] == 0 and out.exists():
             row["bn_left"] = bn_left(out)
-            row["match"] = None
+            row["match"] = _match_isolated(source, out, 3, 112) if tool == "bnfold" else None
         rows.append(row)
         print(_line(row), flush=True)
     WORK.append(_work_row("resnet50-size", source, case))
