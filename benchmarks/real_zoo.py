@@ -5,6 +5,8 @@ Usage (needs .venv-zoo, made by scripts/zoo_env.sh: torch 2.14 + torchvision + t
     bash scripts/zoo_env.sh
     .venv-zoo/bin/python benchmarks/real_zoo.py --fast              # a dozen families, ~2 minutes
     .venv-zoo/bin/python benchmarks/real_zoo.py --source timm --limit 200 --peers all
+    .venv-zoo/bin/python benchmarks/real_zoo.py --source timm --every 5 --offset 1   # one fifth, the 2nd of 5
+    .venv-zoo/bin/python benchmarks/real_zoo.py --source timm --models-from benchmarks/real_zoo_timm.json --json x.json
 
 Per model (random weights, randomised BN statistics, the smallest input it accepts among
 32..224): BN total; BN left by ``bnfold.fold``; BN left by bnfold's ONNX pass on a
@@ -252,11 +254,18 @@ def main() -> None:
     parser.add_argument("--filter", default="", help="Regex on the model name.")
     parser.add_argument("--limit", type=int, default=0, help="At most this many architectures.")
     parser.add_argument("--every", type=int, default=1, help="Take every N-th architecture (a spread sample).")
+    parser.add_argument("--offset", type=int, default=0, help="With --every: start at this one (0..N-1).")
+    parser.add_argument("--models-from", help="Exactly the models of an earlier JSON (to rerun a sample).")
     parser.add_argument("--peers", choices=["basic", "all"], default="basic")
     parser.add_argument("--json", default=str(Path(__file__).with_name("real_zoo.json")))
     args = parser.parse_args()
     torch.set_num_threads(2)
-    chosen = FAST if args.fast else [s for s in specs(args.source) if re.search(args.filter, s)][:: args.every]
+    chosen = [s for s in specs(args.source) if re.search(args.filter, s)][args.offset :: args.every]
+    if args.models_from:
+        wanted = {row["model"] for row in json.loads(Path(args.models_from).read_text())}
+        chosen = [s for s in specs(args.source) if s in wanted]
+    if args.fast:
+        chosen = FAST
     if args.limit:
         chosen = chosen[: args.limit]
     rows, torch_classes, onnx_classes = [], Counter(), Counter()

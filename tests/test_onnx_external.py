@@ -300,3 +300,16 @@ def test_copying_without_copy_file_range_writes_the_same_bytes(tmp_path, monkeyp
     save_onnx(model, tmp_path / "slow.onnx", external_data=False)
     assert (tmp_path / "fast.onnx").read_bytes() == (tmp_path / "slow.onnx").read_bytes()
     assert not uses_external_data(onnx.load(str(tmp_path / "slow.onnx"), load_external_data=False))
+
+
+def test_a_file_with_too_many_fields_to_walk_is_parsed_as_usual(tmp_path, monkeypatch):
+    """A file built to make the wire walk slow (a field per byte) is read by protobuf instead, with its data."""
+    import bnfold.onnx_fold.files as files
+
+    _lazy_everything(monkeypatch)
+    walk = files._wire_fields
+    monkeypatch.setattr(files, "_wire_fields", lambda data, start, end, limit: walk(data, start, end, min(limit, 3)))
+    onnx.save(conv_bn_model(channels=8), str(tmp_path / "in.onnx"))
+    model = load_onnx(tmp_path / "in.onnx", lazy=True)
+    assert not uses_external_data(model)  # parsed whole: no tensor left in the file
+    assert model.SerializeToString() == onnx.load(str(tmp_path / "in.onnx")).SerializeToString()

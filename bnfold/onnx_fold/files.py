@@ -177,13 +177,13 @@ def _load_leaving_weights(path: Path) -> onnx.ModelProto | None:
             return None
         data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        top = _wire_fields(data, 0, size)
+        top = _wire_fields(data, 0, size, 10_000)
         graphs = [f for f in top or () if f[0] == 7]
         if top is None or len(graphs) != 1 or graphs[0][1] != 2:
             return None
         model = onnx.ModelProto()
         model.ParseFromString(b"".join(data[f[2] : f[4]] for f in top if f[0] != 7))
-        graph_fields = _wire_fields(data, graphs[0][3], graphs[0][4])
+        graph_fields = _wire_fields(data, graphs[0][3], graphs[0][4], 1_000_000)
         if graph_fields is None:
             return None
         graph = model.graph
@@ -191,7 +191,7 @@ def _load_leaving_weights(path: Path) -> onnx.ModelProto | None:
         location = path.name
         for _, _, _, start, end in (f for f in graph_fields if f[0] == 5):
             tensor = graph.initializer.add()
-            fields = _wire_fields(data, start, end)
+            fields = _wire_fields(data, start, end, 10_000)
             raw = [f for f in fields or () if f[0] == 9]
             small = not raw or raw[0][4] - raw[0][3] < _EXTERNAL_THRESHOLD
             if fields is None or len(raw) != 1 or raw[0][1] != 2 or small:
@@ -230,14 +230,17 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
     return sorted(found)
 
 
-def _wire_fields(data: Any, start: int, end: int) -> list[tuple[int, int, int, int, int]] | None:  # noqa: ANN401
+def _wire_fields(data: Any, start: int, end: int, limit: int) -> list[tuple[int, int, int, int, int]] | None:  # noqa: ANN401
     """``(number, wire type, field start, value start, field end)`` of each field in ``data[start:end]``.
 
-    None when the bytes are not a well-formed message (the normal parser then reports it).
+    None when the bytes are not a well-formed message, or hold more than ``limit`` fields (a file
+    built to make this walk slow): the normal parser then reads the file, as for a small one.
     """
     fields = []
     position = start
     while position < end:
+        if len(fields) >= limit:
+            return None
         field_start = position
         key, position = _read_varint(data, position, end)
         if key is None:
