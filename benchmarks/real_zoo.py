@@ -159,6 +159,7 @@ def _onnx_error(model: nn.Module, proto, x: torch.Tensor) -> float:  # noqa: ANN
 def sweep_one(spec: str, peers: str) -> dict:
     """Everything measured for one architecture."""
     row: dict = {"model": spec}
+    torch.manual_seed(0)  # the same random weights on every run: rows compare across runs
     model = build(spec).eval()
     total = bn_count(model)
     row["bn_total"] = total

@@ -212,3 +212,30 @@ def test_small_change_in_one_column_is_caught():
         candidate.small.weight[4].mul_(1.001)  # 0.1% in one small column
     result = verify(reference, candidate, input_shapes=[(16, 8)])
     assert not result.passed and result.runtimes[0].outputs[0].channels == (1, [5])
+
+
+class _Cancelling(torch.nn.Module):
+    """(1e8 x + 1) - 1e8 x: exactly 1 in float64, rounding noise in float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.eye(4) * 1e8)
+            self.a.bias.fill_(1.0)
+            self.b.weight.copy_(torch.eye(4) * 1e8)
+            self.b.bias.zero_()
+
+    def forward(self, x):
+        return self.a(x) - self.b(x)
+
+
+def test_a_reference_dominated_by_rounding_is_named():
+    import copy
+
+    model = _Cancelling().eval()
+    result = verify(model, copy.deepcopy(model), input_shapes=[(8, 4)], power=False)
+    assert any("dominated by rounding" in n for n in result.notes), result.notes
+    model, folded = _folded()  # a well-conditioned model: no such note
+    result = verify(model, folded, input_shapes=[(2, 1, 8, 8)], power=False)
+    assert not any("dominated by rounding" in n for n in result.notes)

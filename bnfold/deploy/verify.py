@@ -48,6 +48,7 @@ from bnfold.errors import BnfoldError, first_line
 __all__ = ["NOISE_FACTOR", "TOLERANCES", "VerifyResult", "verify"]
 
 NOISE_FACTOR = 4.0  # how many times the original's own rounding error a folded model may show
+ROUNDING_DOMINATES = 1e-2  # a reference this far from float64 (of the output's scale) says little in float32
 
 TOLERANCES = {
     "float32": (1e-4, 1e-5),
@@ -618,6 +619,13 @@ def verify(
                 failing_batch.setdefault(runtime, batch)
             results[runtime] = _worst(results[runtime], checks)
     notes = []
+    own_worst = max((o.stats.scaled_max for o in reference_error or []), default=0.0)
+    if own_worst > ROUNDING_DOMINATES:
+        notes.append(
+            f"the reference itself, in its own dtype, is {own_worst:.2g} of the output's scale away from float64 on "
+            "these inputs: its outputs are dominated by rounding (random weights or unnormalised activations "
+            "amplify it), so a mismatch here may not be the candidate's; check with real inputs (--inputs)"
+        )
     checks_by_runtime = []
     for runtime in runtimes:
         outputs = results[runtime] or []

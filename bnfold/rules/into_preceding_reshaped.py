@@ -25,9 +25,14 @@ class IntoPrecedingThroughReshape(Rule):
     order = 85
 
     def match(self, view: GraphView, site: BNSite, node: Node) -> bool:
-        """BN reads a reshape's (or flatten's) output."""
-        producer = view.producer(view.bn_input(node))
-        return producer is not None and view.op(producer).kind in (OpKind.RESHAPE, OpKind.FLATTEN)
+        """BN reads a reshape's (or flatten's) output as a 2-D tensor."""
+        value = view.bn_input(node)
+        producer = view.producer(value)
+        # a 2-D BN input (or one of unknown rank): otherwise BN's channels are not the last axis anyway, and
+        # the plain rule's reason ("view is not a Conv/Linear") says more
+        if producer is None or view.rank(value) not in (2, None):
+            return False
+        return view.op(producer).kind in (OpKind.RESHAPE, OpKind.FLATTEN)
 
     def check(self, view: GraphView, site: BNSite, node: Node, affine: Affine) -> Plan:
         """A 2-D BN input whose rows are the channels-last rows of one layer's output, read only on this path."""
@@ -38,10 +43,6 @@ class IntoPrecedingThroughReshape(Rule):
         rank, ends = view.rank(value), (view.last_dim(source), view.last_dim(value))
         if rank is None or None in ends:
             raise FoldRefused(f"the shapes around {reshape.label} are unknown: {view.shape_hint}")
-        if rank != 2:
-            raise FoldRefused(
-                f"BN reads a {rank}-D tensor from {reshape.label}, so it normalises another axis than the last"
-            )
         if ends != (affine.channels, affine.channels):
             raise FoldRefused(f"{reshape.label} does not keep the {affine.channels} channels as its last axis")
         producer = view.producer(source)
