@@ -302,7 +302,8 @@ class ModuleView(Float64Staging):
             return OpKind.FLATTEN, None
         if name in ("view", "reshape") and len(call.args) == 3 and call.args[2] == -1 and self._batch_size(call):
             return OpKind.FLATTEN, None
-        if name in ("flatten", "view", "reshape", "reshape_as") and call.inputs and call.op == "function":
+        reinterprets = any(isinstance(a, torch.dtype) for a in call.args)  # x.view(torch.int32): other bytes
+        if name in ("flatten", "view", "reshape", "reshape_as") and call.inputs and not reinterprets:
             return OpKind.RESHAPE, None
         if name in ("max_pool1d", "max_pool2d", "max_pool3d") and not _arg(call, 6, "return_indices", False):
             return OpKind.MAX_POOL, None
