@@ -6,6 +6,8 @@
 # --runtime torch-cuda; torchrun on a GPU machine (CPU job -> gloo; more processes than GPUs -> exit 2);
 # the whole test suite on this machine's torch. Each step's exit status goes to OUTDIR/summary.txt, every step's
 # output to OUTDIR/steps.log, gpu_check's JSON to OUTDIR/gpu_check.json.
+# On this workplace's lent H200 (2026-11-28: torch 2.11.0+cu130, onnxruntime 1.30.0 without CUDA, no onnxsim) the
+# whole run took 345 s with SUITE_TIMEOUT=180; onnxsim went along as a wheel (.whl/, pip --target, PYTHONPATH).
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
