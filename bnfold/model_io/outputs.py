@@ -116,10 +116,11 @@ def check_output(path: str | os.PathLike, *, force: bool, inputs: Iterable[str |
     return out
 
 
-def _umask() -> int:
+def usual_mode() -> int:
+    """The permissions a newly created file gets under the process's umask (mkstemp makes 0600 files)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def write_error(path: str | os.PathLike, error: OSError) -> BnfoldError:
@@ -162,7 +163,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the output the usual permissions
+        os.chmod(tmp, usual_mode())  # mkstemp makes 0600 files; give the output the usual permissions
         os.replace(tmp, out)
         tmp = None
     except OSError as error:

@@ -18,7 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from bnfold.errors import BnfoldError, first_line
-from bnfold.model_io.outputs import write_error
+from bnfold.model_io.outputs import usual_mode, write_error
 from bnfold.onnx_fold.tensors import (
     check_model_tensors,
     declared_bytes,
@@ -27,6 +27,8 @@ from bnfold.onnx_fold.tensors import (
     external_tensors,
     graph_tensors,
     resolve_external_data,
+    shell,
+    stored_at,
 )
 
 __all__ = [
@@ -84,9 +86,7 @@ class Scratch:
         try:
             if self._handle is None:
                 descriptor, name = tempfile.mkstemp(prefix=f".{self.name}.", suffix=".bnfold-scratch", dir=self.folder)
-                umask = os.umask(0)
-                os.umask(umask)
-                os.fchmod(descriptor, 0o666 & ~umask)  # as any file written: it may become the output's data file
+                os.fchmod(descriptor, usual_mode())  # as any file written: it may become the output's data file
                 self._handle, self.path = os.fdopen(descriptor, "wb"), Path(name).resolve()
                 if not _SCRATCH_FILES:
                     atexit.register(lambda: [f.unlink(missing_ok=True) for f in _SCRATCH_FILES])
@@ -201,14 +201,7 @@ def _load_leaving_weights(path: Path) -> onnx.ModelProto | None:
             if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
                 tensor.ParseFromString(data[start:end])  # raw bytes beside a reference: leave it to the checks
                 continue
-            raw_start, raw_end = raw[0][3], raw[0][4]
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (
-                ("location", location),
-                ("offset", str(raw_start)),
-                ("length", str(raw_end - raw_start)),
-            ):
-                tensor.external_data.add(key=key, value=value)
+            stored_at(tensor, location, raw[0][3], raw[0][4] - raw[0][3])
     finally:
         data.close()
     _SELF_CONTAINED.add(str(path.resolve()))
@@ -397,9 +390,8 @@ def _repoint(model: onnx.ModelProto, scratch: Scratch, data: Path) -> None:
     target = str(data.resolve())
     for tensor in external_tensors(model):
         if scratch.holds(tensor):
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    entry.value = target
+            _, offset, length = external_location(tensor)
+            stored_at(tensor, target, offset, length)
     _SELF_CONTAINED.discard(str(scratch.path))
     scratch.path = None
 
@@ -430,13 +422,13 @@ def _write_streamed(
             raw_length = declared_bytes(tensor)
             if store is None and tensor.data_location == onnx.TensorProto.EXTERNAL and raw_length:
                 # written inline: its bytes are copied from their file when its turn comes, not held
-                shell = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
-                if tensor.doc_string:
-                    shell.doc_string = tensor.doc_string
-                parts.append((tensor, *_split(shell, 9), raw_length))
+                parts.append((tensor, *_split(shell(tensor), 9), raw_length))
                 continue
-            stored = _kept(tensor, adopted, location) if adopted is not None and adopted.holds(tensor) else None
-            stored = stored or _stored(tensor, store, location)
+            if adopted is not None and adopted.holds(tensor):  # already in the data file: referenced where it is
+                _, offset, length = external_location(tensor)
+                stored = stored_at(shell(tensor), location, offset, length)
+            else:
+                stored = _stored(tensor, store, location)
             raw_length = declared_bytes(stored)
             if stored.data_location != onnx.TensorProto.EXTERNAL and stored.HasField("raw_data") and raw_length:
                 parts.append((stored, *_split(stored, 9), raw_length))
@@ -506,18 +498,6 @@ def _split(message: Any, number: int) -> tuple[bytes, bytes]:  # noqa: ANN401 - 
     return head.SerializeToString(), tail.SerializeToString()
 
 
-def _kept(tensor: onnx.TensorProto, scratch: Scratch, location: str) -> onnx.TensorProto:
-    """A reference to a tensor's bytes where they already are: in the scratch file that becomes the data file."""
-    _, offset, length = external_location(tensor)
-    shell = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
-    if tensor.doc_string:
-        shell.doc_string = tensor.doc_string
-    shell.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        shell.external_data.add(key=key, value=value)
-    return shell
-
-
 def _stored(tensor: onnx.TensorProto, handle: Any, location: str) -> onnx.TensorProto:  # noqa: ANN401
     """The tensor as written: inline when small or without ``handle``, else its bytes appended there and a reference."""
     external = tensor.data_location == onnx.TensorProto.EXTERNAL
@@ -538,13 +518,7 @@ def _stored(tensor: onnx.TensorProto, handle: Any, location: str) -> onnx.Tensor
         length = len(raw)
         handle.write(raw)
         del raw
-    shell = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
-    if tensor.doc_string:
-        shell.doc_string = tensor.doc_string
-    shell.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        shell.external_data.add(key=key, value=value)
-    return shell
+    return stored_at(shell(tensor), location, offset, length)
 
 
 def _copy_range(source: str, start: int, length: int, handle: Any, name: str) -> None:  # noqa: ANN401 - a file

@@ -26,7 +26,7 @@ from onnx import helper
 
 from bnfold.limits import LIMITS
 from bnfold.onnx_fold.files import Scratch
-from bnfold.onnx_fold.tensors import decode
+from bnfold.onnx_fold.tensors import decode, stored_at
 
 __all__ = ["FLOAT_DTYPES", "Encoded", "GraphIndex", "names_read", "subgraphs", "to_float64"]
 
@@ -270,9 +270,7 @@ class GraphIndex:
             location, offset = self.scratch.append(data)
             if isinstance(value, Encoded):
                 value.data = b""
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, entry in (("location", location), ("offset", str(offset)), ("length", str(length))):
-                tensor.external_data.add(key=key, value=entry)
+            stored_at(tensor, location, offset, length)
         elif isinstance(value, Encoded):
             tensor.raw_data = value.data
             value.data = b""  # the protobuf holds its own copy now

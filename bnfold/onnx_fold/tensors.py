@@ -21,6 +21,8 @@ __all__ = [
     "external_tensors",
     "graph_tensors",
     "resolve_external_data",
+    "shell",
+    "stored_at",
 ]
 
 # the protobuf field that holds each element type's values, when not raw_data
@@ -185,6 +187,22 @@ def _expected_bytes(tensor: onnx.TensorProto, where: str) -> int:
     if want is None or tensor.data_type in _PACKED_4BIT:  # memory-mapping cannot unpack 4-bit values
         raise BnfoldError(f"{_label(tensor, where)}: external data of this element type is not supported")
     return want
+
+
+def shell(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    """A tensor's declaration without its data: name, element type, dims, doc string."""
+    bare = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    if tensor.doc_string:
+        bare.doc_string = tensor.doc_string
+    return bare
+
+
+def stored_at(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> onnx.TensorProto:
+    """Make ``tensor`` external data: ``length`` bytes at ``offset`` of ``location``; return it."""
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        _set_entry(tensor, key, value)
+    return tensor
 
 
 def _set_entry(tensor: onnx.TensorProto, key: str, value: str) -> None:

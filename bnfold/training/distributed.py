@@ -27,8 +27,7 @@ def start(device: str) -> tuple[int, int]:
     Raises:
         BnfoldError: ``cuda`` without a GPU, or fewer GPUs than processes on this node.
     """
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BnfoldError("--device cuda: this torch build sees no CUDA GPU")
+    _require_gpu(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         nccl = device == "cuda" and os.environ.get("BNFOLD_BACKEND") != "gloo"
@@ -48,10 +47,20 @@ def start(device: str) -> tuple[int, int]:
 
 
 def device_for(device: str) -> torch.device:
-    """The ``torch.device`` of this process: its own GPU under torchrun (``cuda:LOCAL_RANK``), else ``device``."""
+    """The ``torch.device`` of this process: its own GPU under torchrun (``cuda:LOCAL_RANK``), else ``device``.
+
+    Raises:
+        BnfoldError: ``cuda`` where this torch build sees no GPU.
+    """
+    _require_gpu(device)
     if device == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(device)
+
+
+def _require_gpu(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BnfoldError("--device cuda: this torch build sees no CUDA GPU")
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> None:

@@ -161,8 +161,6 @@ def recompute_statistics(
     Raises:
         BnfoldError: Unusable data or device, a model that rejects the data.
     """
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BnfoldError("--device cuda: this torch build sees no CUDA GPU")
     target = device_for(device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     model.to(target)
