@@ -39,7 +39,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bnfold  # noqa: E402
-from bnfold.deploy.error_stats import fold_error  # noqa: E402
+from bnfold.deploy.error_stats import error_stats  # noqa: E402
 from bnfold.deploy.export import export_keeping_bn  # noqa: E402
 from bnfold.report import reason_class  # noqa: E402
 from bnfold.zoo import randomize_batchnorm  # noqa: E402
@@ -144,21 +144,54 @@ def _dynamo(model: nn.Module, x: torch.Tensor) -> int:
     return onnx_bn(program.model_proto)
 
 
-def _onnx_error(model: nn.Module, proto, x: torch.Tensor) -> float:  # noqa: ANN001
-    import numpy as np
+DRAWS = 3  # seeded inputs per error measurement: one input's max error is a noisy statistic
 
-    from bnfold.deploy.runtimes import run_onnx, run_torch64
 
-    truth = run_torch64(model, [x.numpy()])[0]
-    got = run_onnx(proto, [x.numpy()], "ort-cpu")[0]
-    if truth.size == 0:
-        return 0.0
-    return float(np.abs(got - truth).max() / (np.abs(truth).max() or 1.0))
+def _errors(model: nn.Module, x: torch.Tensor, *candidates: object) -> list[float]:
+    """Max error of each candidate (a module, or ONNX on ONNX Runtime's CPU) vs ``model`` in float64.
+
+    Of the output's scale, on the first output; the largest over ``DRAWS`` seeded inputs of ``x``'s shape
+    (``x`` first); the float64 truth is computed once per input.
+    """
+    from bnfold.deploy.runtimes import run_onnx, run_torch, run_torch64
+
+    worst = [0.0] * len(candidates)
+    for draw in range(DRAWS):
+        xi = x if draw == 0 else torch.randn(x.shape, generator=torch.Generator().manual_seed(draw))
+        inputs = [xi.numpy()]
+        truth = run_torch64(model, inputs)[0]
+        for k, c in enumerate(candidates):
+            got = run_torch(c, inputs)[0] if isinstance(c, nn.Module) else run_onnx(c, inputs, "ort-cpu")[0]
+            worst[k] = max(worst[k], error_stats(got, truth).scaled_max)
+    return worst
+
+
+def _fold_error64(model: nn.Module, x: torch.Tensor) -> float:
+    """The fold's own error, without float32 rounding: fold a float64 copy, compare in float64.
+
+    An exact fold leaves only float64 rounding (about 1e-15 of the output's scale, more where the model
+    amplifies rounding); a wrong fold shows at any precision.
+    """
+    model64 = copy.deepcopy(model).double()
+    x64 = x.double()
+    folded64, _ = bnfold.fold(model64, (x64,))
+    with torch.no_grad():
+        truth, got = model64(x64), folded64(x64)
+    truth, got = (t[0] if isinstance(t, (tuple, list)) else t for t in (truth, got))
+    return error_stats(got.numpy(), truth.numpy()).scaled_max
 
 
 def sweep_one(spec: str, peers: str) -> dict:
     """Everything measured for one architecture."""
     row: dict = {"model": spec}
+    started = time.perf_counter()
+    try:
+        return _measure(spec, peers, row)
+    finally:
+        row["sweep_s"] = round(time.perf_counter() - started, 1)
+
+
+def _measure(spec: str, peers: str, row: dict) -> dict:
     torch.manual_seed(0)  # the same random weights on every run: rows compare across runs
     model = build(spec).eval()
     total = bn_count(model)
@@ -175,11 +208,17 @@ def sweep_one(spec: str, peers: str) -> dict:
     folded, report = bnfold.fold(model, (x,))
     row["fold_s"] = round(time.perf_counter() - start, 3)
     row["bn_left_torch"] = report.bn_kept
+    # BN modules that forward never calls in eval (an aux head): not in any peer's graph, so counted apart
+    row["bn_unused_torch"] = sum(1 for e in report.layers if not e.folded and "not called by forward" in e.reason)
     row["reasons_torch"] = [reason_class(e.reason) for e in report.layers if not e.folded]
     row["reasons_torch_text"] = [f"{e.name}: {e.reason}"[:200] for e in report.layers if not e.folded]
-    err, own = fold_error(model, folded, (x,)), fold_error(model, model, (x,))
-    row["err_torch"], row["err_own"] = err.scaled_max, own.scaled_max
-    row["verify_torch"] = bnfold.verify(model, folded, input_shapes=[tuple(x.shape)]).passed
+    row["err_torch"], row["err_own"] = _errors(model, x, folded, model)
+    try:
+        row["err_torch64"] = _fold_error64(model, x)
+    except Exception as error:  # noqa: BLE001 - a model that does not run in float64 (a fixed dtype inside)
+        row["err_torch64"] = f"failed: {type(error).__name__}: {str(error)[:100]}"
+    # verify's verdict only: its power measurement (planted weight changes) would double the sweep's time
+    row["verify_torch"] = bnfold.verify(model, folded, input_shapes=[tuple(x.shape)], power=False).passed
     try:
         start = time.perf_counter()
         fused = torch.fx.experimental.optimization.fuse(copy.deepcopy(model))
@@ -200,9 +239,8 @@ def sweep_one(spec: str, peers: str) -> dict:
         folded_proto, onnx_report = bnfold.fold_onnx(kept)
         row["bn_left_onnx"] = onnx_bn(folded_proto)
         row["reasons_onnx"] = [reason_class(e.reason) for e in onnx_report.layers if not e.folded]
-        row["err_onnx"] = _onnx_error(model, folded_proto, x)
-        row["err_onnx_own"] = _onnx_error(model, kept, x)
-        row["verify_onnx"] = bnfold.verify(model, folded_proto, input_shapes=[tuple(x.shape)]).passed
+        row["err_onnx"], row["err_onnx_own"] = _errors(model, x, folded_proto, kept)
+        row["verify_onnx"] = bnfold.verify(model, folded_proto, input_shapes=[tuple(x.shape)], power=False).passed
         row["bn_left_ort_basic"] = _ort_basic(kept)
         if peers == "all":
             row["bn_left_onnxsim"] = _onnxsim(kept)
@@ -247,68 +285,88 @@ def specs(source: str) -> list[str]:
     return names
 
 
-def main() -> None:
-    """Run the sweep, print rows and the reason classes, write JSON."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--fast", action="store_true", help="The fast subset (a dozen families).")
-    parser.add_argument("--source", choices=["timm", "torchvision", "all"], default="all")
-    parser.add_argument("--filter", default="", help="Regex on the model name.")
-    parser.add_argument("--limit", type=int, default=0, help="At most this many architectures.")
-    parser.add_argument("--every", type=int, default=1, help="Take every N-th architecture (a spread sample).")
-    parser.add_argument("--offset", type=int, default=0, help="With --every: start at this one (0..N-1).")
-    parser.add_argument("--models-from", help="Exactly the models of an earlier JSON (to rerun a sample).")
-    parser.add_argument("--peers", choices=["basic", "all"], default="basic")
-    parser.add_argument("--json", default=str(Path(__file__).with_name("real_zoo.json")))
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    chosen = [s for s in specs(args.source) if re.search(args.filter, s)][args.offset :: args.every]
-    if args.models_from:
-        wanted = {row["model"] for row in json.loads(Path(args.models_from).read_text())}
-        chosen = [s for s in specs(args.source) if s in wanted]
-    if args.fast:
-        chosen = FAST
-    if args.limit:
-        chosen = chosen[: args.limit]
-    rows, torch_classes, onnx_classes = [], Counter(), Counter()
-    header = (
-        f"{'model':<34} {'BN':>4} {'torch':>5} {'onnx':>4} {'ort':>4} {'fuse':>4} {'sim':>4} {'dyn':>4} "
-        f"{'err torch':>9} {'err onnx':>9} {'own':>9} {'fold s':>6} {'fuse s':>6}"
+def has_bn(spec: str) -> bool:
+    """Whether the architecture has a BN module, built on the meta device (no memory, no weights).
+
+    An architecture that does not build there is kept: the sweep itself then says what went wrong.
+    """
+    try:
+        with warnings.catch_warnings(), _quiet(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return bn_count(build(spec)) > 0
+    except Exception:  # noqa: BLE001
+        return True
+
+
+def _models_of(paths: list[str]) -> set[str]:
+    return {row["model"] for path in paths for row in json.loads(Path(path).read_text())}
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    """Write the JSON whole after each model (a stopped sweep keeps what it measured), atomically."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(rows, indent=1) + "\n")
+    partial.replace(path)
+
+
+def _print_row(row: dict) -> None:
+    spec = row["model"]
+    if "crash" in row:
+        print(f"{spec:<34} crash: {row['crash'][:100]}", flush=True)
+    if not row.get("bn_total") or "crash" in row:
+        return
+
+    def cell(key: str, width: int = 4) -> str:
+        value = row.get(key, "")
+        return f"{value:>{width}}" if not isinstance(value, str) else f"{'x':>{width}}"
+
+    print(
+        f"{spec:<34} {row['bn_total']:>4} {cell('bn_left_torch', 5)} {cell('bn_left_onnx')} "
+        f"{cell('bn_left_ort_basic')} {cell('bn_left_fuse')} {cell('bn_left_onnxsim')} {cell('bn_left_dynamo')} "
+        f"{row.get('err_torch', float('nan')):>9.2e} {row.get('err_onnx', float('nan')):>9.2e} "
+        f"{row.get('err_own', float('nan')):>9.2e} {row.get('fold_s', 0):>6.2f} {row.get('fuse_s', 0):>6.2f} "
+        f"{row.get('err_torch64', float('nan')) if isinstance(row.get('err_torch64'), float) else float('nan'):>8.1e}",
+        flush=True,
     )
-    print(header, flush=True)
-    for spec in chosen:
-        try:
-            row = sweep_one(spec, args.peers)
-        except Exception as error:  # noqa: BLE001 - a crash is a result, counted
-            row = {"model": spec, "crash": f"{type(error).__name__}: {str(error)[:200]}"}
-            row["traceback"] = traceback.format_exc()[-2000:]
-        rows.append(row)
-        if not row.get("bn_total") or "crash" in row:
-            if "crash" in row:
-                print(f"{spec:<34} crash: {row['crash'][:100]}", flush=True)
-            continue
-        torch_classes.update(row.get("reasons_torch", []))
-        onnx_classes.update(row.get("reasons_onnx", []))
 
-        def cell(key: str, width: int = 4, row: dict = row) -> str:
-            value = row.get(key, "")
-            return f"{value:>{width}}" if not isinstance(value, str) else f"{'x':>{width}}"
 
-        print(
-            f"{spec:<34} {row['bn_total']:>4} {cell('bn_left_torch', 5)} {cell('bn_left_onnx')} "
-            f"{cell('bn_left_ort_basic')} {cell('bn_left_fuse')} {cell('bn_left_onnxsim')} {cell('bn_left_dynamo')} "
-            f"{row.get('err_torch', float('nan')):>9.2e} {row.get('err_onnx', float('nan')):>9.2e} "
-            f"{row.get('err_own', float('nan')):>9.2e} {row.get('fold_s', 0):>6.2f} {row.get('fuse_s', 0):>6.2f}",
-            flush=True,
-        )
+PEERS = ("bn_left_ort_basic", "bn_left_fuse", "bn_left_onnxsim", "bn_left_dynamo")
+
+
+def behind_a_peer(row: dict) -> list[str]:
+    """Where a bnfold path leaves more BN than a peer on the same model.
+
+    The PyTorch path is counted without the BN modules forward never calls (no peer's graph has them).
+    """
+    peers = {key: row[key] for key in PEERS if isinstance(row.get(key), int)}
+    if not peers:
+        return []
+    best = min(peers.values())
+    ours = {
+        "bnfold.fold": row.get("bn_left_torch", 0) - row.get("bn_unused_torch", 0)
+        if isinstance(row.get("bn_left_torch"), int)
+        else None,
+        "bnfold ONNX": row.get("bn_left_onnx"),
+    }
+    return [
+        f"{row['model']}: {name} {left} > {min(peers, key=peers.get)[8:]} {best}"
+        for name, left in ours.items()
+        if isinstance(left, int) and left > best
+    ]
+
+
+def summarize(rows: list[dict]) -> None:
+    """Print the totals, the failures and the reason classes of a sweep's rows."""
     ran = [r for r in rows if r.get("bn_total") and "crash" not in r]
     print(
-        f"\n{len(chosen)} architectures, {len(ran)} with BN ran, "
+        f"\n{len(rows)} architectures, {len(ran)} with BN ran, "
         f"{sum(1 for r in rows if 'crash' in r)} crashed (build or input), "
         f"{sum(1 for r in rows if r.get('bn_total') == 0)} without BN"
     )
     for key, label in (
         ("bn_total", "BN total"),
         ("bn_left_torch", "left by bnfold.fold"),
+        ("bn_unused_torch", "  of which never run"),
         ("bn_left_onnx", "left by bnfold ONNX pass"),
         ("bn_left_ort_basic", "left by ORT basic"),
         ("bn_left_fuse", "left by fx fuse"),
@@ -318,6 +376,10 @@ def main() -> None:
         values = [r[key] for r in ran if isinstance(r.get(key), int)]
         if values:
             print(f"  {label:<26} {sum(values):>6}  (over {len(values)} models)")
+    onnx_failed = [f"{r['model']} ({r['onnx_crash'][:60]})" for r in ran if "onnx_crash" in r]
+    print(f"  ONNX export or pass failed: {len(onnx_failed)} {onnx_failed or ''}")
+    behind = [line for r in ran for line in behind_a_peer(r)]
+    print(f"  a bnfold path leaves more BN than a peer: {behind or 'none'}")
 
     def own(r: dict) -> float:  # the original's own float32 error, on either runtime
         return max(r.get("err_own", 0.0), r.get("err_onnx_own", 0.0))
@@ -329,14 +391,96 @@ def main() -> None:
         for r in ran
         if own(r) and max(r.get("err_torch", 0), r.get("err_onnx", 0)) > 1.5 * own(r)
     ]
-    print(f"  max error over 1.5x the original's own float32 error on this one input: {high or 'none'}")
-    print("reason classes, PyTorch path:")
-    for name, count in torch_classes.most_common():
-        print(f"  {count:>5}  {name}")
-    print("reason classes, ONNX path:")
-    for name, count in onnx_classes.most_common():
-        print(f"  {count:>5}  {name}")
-    Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"  max error over 1.5x the original's own float32 error ({DRAWS} inputs): {high or 'none'}")
+    exact = [r["err_torch64"] for r in ran if isinstance(r.get("err_torch64"), float)]
+    inexact = [
+        f"{r['model']} ({r['err_torch64']:.1e})"
+        for r in ran
+        if isinstance(r.get("err_torch64"), float) and r["err_torch64"] > 1e-9
+    ]
+    if exact:
+        print(
+            f"  bnfold.fold in float64: largest error {max(exact):.1e} of scale over {len(exact)} models; "
+            f"over 1e-9: {inexact or 'none'}"
+        )
+    times = sorted(r["fold_s"] for r in ran if "fold_s" in r)
+    fuse = sorted(r["fuse_s"] for r in ran if "fuse_s" in r)
+    if times:
+        median = times[len(times) // 2]
+        print(f"  fold seconds: bnfold.fold {sum(times):.1f} over {len(times)} (median {median:.2f})", end="")
+        print(f", fx fuse {sum(fuse):.1f} over {len(fuse)} (median {fuse[len(fuse) // 2]:.2f})" if fuse else "")
+    for path, key in (("PyTorch", "reasons_torch"), ("ONNX", "reasons_onnx")):
+        print(f"reason classes, {path} path:")
+        for name, count in Counter(c for r in ran for c in r.get(key, [])).most_common():
+            print(f"  {count:>5}  {name}")
+
+
+def main() -> None:
+    """Run the sweep, print rows and the reason classes, write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fast", action="store_true", help="The fast subset (a dozen families).")
+    parser.add_argument("--source", choices=["timm", "torchvision", "all"], default="all")
+    parser.add_argument("--filter", default="", help="Regex on the model name.")
+    parser.add_argument("--limit", type=int, default=0, help="At most this many architectures.")
+    parser.add_argument("--every", type=int, default=1, help="Take every N-th architecture (a spread sample).")
+    parser.add_argument("--offset", type=int, default=0, help="With --every: start at this one (0..N-1).")
+    parser.add_argument("--interleave", type=int, default=0, help="Run in the order of every N-th, then the next.")
+    parser.add_argument("--bn-only", action="store_true", help="Only architectures with a BN (checked on meta).")
+    parser.add_argument("--models-from", help="Exactly the models of an earlier JSON (to rerun a sample).")
+    parser.add_argument("--skip-from", nargs="+", default=[], help="Leave out the models of these JSON files.")
+    parser.add_argument("--resume", action="store_true", help="Keep the rows already in --json, run the rest.")
+    parser.add_argument("--summary-of", nargs="+", help="Print the summary of these JSON files together; run none.")
+    parser.add_argument("--peers", choices=["basic", "all"], default="basic")
+    parser.add_argument("--json", default=str(Path(__file__).with_name("real_zoo.json")))
+    args = parser.parse_args()
+    if args.summary_of:
+        rows = [row for path in args.summary_of for row in json.loads(Path(path).read_text())]
+        summarize(list({row["model"]: row for row in rows}.values()))  # a model in two files: the later row
+        return
+    torch.set_num_threads(2)
+    chosen = [s for s in specs(args.source) if re.search(args.filter, s)]
+    if args.bn_only:
+        chosen = [s for s in chosen if has_bn(s)]
+    chosen = chosen[args.offset :: args.every]
+    if args.interleave > 1:  # every N-th first, then the next N-th...: a stopped sweep is still a spread sample
+        chosen = [s for k in range(args.interleave) for s in chosen[k :: args.interleave]]
+    if args.models_from:
+        wanted = _models_of([args.models_from])
+        chosen = [s for s in specs(args.source) if s in wanted]
+    if args.fast:
+        chosen = FAST
+    skip = _models_of(args.skip_from)
+    chosen = [s for s in chosen if s not in skip]
+    if args.limit:
+        chosen = chosen[: args.limit]
+    out = Path(args.json)
+    rows = json.loads(out.read_text()) if args.resume and out.exists() else []
+    # a model whose run was killed is tried once more (a sweep stopped by hand), then stays a crash row
+    tries = {row["model"]: row["attempts"] for row in rows if row.get("attempts", 2) < 2}
+    rows = [row for row in rows if row["model"] not in tries]
+    done = {row["model"] for row in rows}
+    print(
+        f"{'model':<34} {'BN':>4} {'torch':>5} {'onnx':>4} {'ort':>4} {'fuse':>4} {'sim':>4} {'dyn':>4} "
+        f"{'err torch':>9} {'err onnx':>9} {'own':>9} {'fold s':>6} {'fuse s':>6} {'err f64':>8}",
+        flush=True,
+    )
+    for spec in chosen:
+        if spec in done:
+            continue
+        # a placeholder first: a model that kills the process (memory) is a crash row when --resume goes on
+        killed = "did not finish: the sweep's process was killed (memory?)"
+        rows.append({"model": spec, "crash": killed, "attempts": tries.get(spec, 0) + 1})
+        _write_rows(out, rows)
+        try:
+            row = sweep_one(spec, args.peers)
+        except Exception as error:  # noqa: BLE001 - a crash is a result, counted
+            row = {"model": spec, "crash": f"{type(error).__name__}: {str(error)[:200]}"}
+            row["traceback"] = traceback.format_exc()[-2000:]
+        rows[-1] = row
+        _print_row(row)
+        _write_rows(out, rows)
+    summarize(rows)
+    _write_rows(out, rows)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """export_onnx and benchmark: every field present, the second sweep, GPU paths where a GPU exists."""
 
+import io
 import json
 
 import onnx
@@ -12,7 +13,7 @@ import bnfold
 from bnfold import zoo
 from bnfold.cli import main
 from bnfold.deploy.bench import benchmark, compare
-from bnfold.deploy.export import export_onnx
+from bnfold.deploy.export import export_keeping_bn, export_onnx
 from bnfold.deploy.verify import verify
 from bnfold.errors import BnfoldError
 
@@ -27,6 +28,37 @@ def test_export_checks_dynamic_batch_and_verifies(tmp_path, exporter):
     assert result.exporter == exporter and result.onnx_report.bn_kept == 0
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
     assert verify(model, proto, input_shapes=[(5, 1, 8, 8)]).passed
+
+
+class _PerInputKernel(torch.nn.Module):
+    """A conv whose kernel is computed from each input (timm's CondConv): TorchScript cannot export it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bank = torch.nn.Parameter(torch.randn(2, 4 * 3 * 3 * 3))
+        self.route = torch.nn.Linear(3, 2)
+        self.bn = torch.nn.BatchNorm2d(4)  # after the per-input conv's view: must stay
+        self.conv = torch.nn.Conv2d(4, 4, 1)
+        self.bn2 = torch.nn.BatchNorm2d(4)  # after a plain conv: folds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        weight = (torch.sigmoid(self.route(x.mean((2, 3)))) @ self.bank).view(b * 4, 3, 3, 3)
+        y = torch.nn.functional.conv2d(x.reshape(1, b * c, h, w), weight, padding=1, groups=b).view(b, 4, h, w)
+        return self.bn2(self.conv(torch.relu(self.bn(y))))
+
+
+def test_bn_keeping_export_falls_back_to_dynamo_where_torchscript_cannot():
+    model = randomized(_PerInputKernel()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(Exception, match="kernel of unknown shape"):  # the reason the fallback exists
+        torch.onnx.export(model, (x,), io.BytesIO(), dynamo=False, dynamic_axes={"x": {0: "b"}}, input_names=["x"])
+    proto = export_keeping_bn(model, (x,))
+    assert sum(n.op_type == "BatchNormalization" for n in proto.graph.node) == 2
+    folded, report = bnfold.fold_onnx(proto)
+    assert [e.folded for e in report.layers] == [False, True]  # the BN after the per-input conv is refused
+    assert "Reshape" in report.layers[0].reason
+    assert verify(model, folded, input_shapes=[(2, 3, 8, 8)]).passed
 
 
 def test_export_keeps_simplified_model_only_if_it_verifies(tmp_path):

@@ -108,13 +108,29 @@ def export_keeping_bn(model: nn.Module, example_inputs: Any, *, dynamic_batch: b
 
     The baseline for timing a fold in ONNX Runtime, and the input the ONNX pass's
     tests and benchmarks fold. Inputs are named ``input`` (``input_<i>`` for several).
+    The TorchScript exporter first (it keeps BN by construction); where it cannot export
+    the model (a kernel computed per input, an op it lacks), the dynamo exporter without
+    its optimizer, which also keeps each BN as a BatchNormalization node.
+
+    Raises:
+        Exception: The TorchScript exporter's error, when the dynamo exporter fails too.
     """
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     with _quiet(), torch.no_grad():
         if isinstance(model, torch.fx.GraphModule):  # a torch.export program's module: TorchScript cannot take it
-            program = torch.onnx.export(model, inputs, dynamo=True, optimize=False, input_names=_names(inputs))
-            return program.model_proto
-        return _torchscript(model.eval(), inputs, None, dynamic_batch, keep_bn=True)
+            return _dynamo_keeping_bn(model, inputs)
+        try:
+            return _torchscript(model.eval(), inputs, None, dynamic_batch, keep_bn=True)
+        except Exception as error:  # noqa: BLE001 - the other exporter may take it
+            try:
+                return _dynamo_keeping_bn(model, inputs)
+            except Exception:  # noqa: BLE001 - neither: the first exporter's error says more
+                raise error from None
+
+
+def _dynamo_keeping_bn(model: nn.Module, inputs: tuple) -> onnx.ModelProto:
+    program = torch.onnx.export(model, inputs, dynamo=True, optimize=False, input_names=_names(inputs))
+    return program.model_proto
 
 
 def _feeds(model: onnx.ModelProto, inputs: tuple) -> dict[str, np.ndarray]:
