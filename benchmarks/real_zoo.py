@@ -120,16 +120,19 @@ def smallest_input(model: nn.Module, spec: str) -> torch.Tensor | None:
 
 
 def _ort_basic(proto) -> int:  # noqa: ANN001
+    import onnx
     import onnxruntime as ort
+
+    from bnfold.onnx_fold.files import session_source
 
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(Path(tmp) / "basic.onnx")
-        ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        import onnx
-
-        return onnx_bn(onnx.load(options.optimized_model_filepath))
+        # weights beside the optimized file: a model over 2 GB cannot be written inline
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "basic.data")
+        ort.InferenceSession(session_source(proto), options, providers=["CPUExecutionProvider"])
+        return onnx_bn(onnx.load(options.optimized_model_filepath, load_external_data=False))
 
 
 def _onnxsim(proto) -> int:  # noqa: ANN001

@@ -313,3 +313,18 @@ def test_a_file_with_too_many_fields_to_walk_is_parsed_as_usual(tmp_path, monkey
     model = load_onnx(tmp_path / "in.onnx", lazy=True)
     assert not uses_external_data(model)  # parsed whole: no tensor left in the file
     assert model.SerializeToString() == onnx.load(str(tmp_path / "in.onnx")).SerializeToString()
+
+
+def test_an_in_memory_model_over_the_protobuf_limit_runs_from_a_file(monkeypatch):
+    # a folded or exported model held in memory, inline, over 2 GB: it cannot be serialized to bytes
+    from bnfold.deploy.runtimes import run_onnx
+    from bnfold.onnx_fold import files
+
+    model = conv_bn_model(channels=8)
+    assert not uses_external_data(model)
+    x = np.random.default_rng(0).standard_normal((2, 8, 6, 6)).astype(np.float32)
+    expected = run_onnx(model, [x])[0]
+    monkeypatch.setattr(files, "PROTOBUF_LIMIT", 64)  # stands for 2 GB
+    source = session_source(model)
+    assert isinstance(source, str) and source.endswith(".onnx")  # a temporary file with external data
+    np.testing.assert_array_equal(run_onnx(model, [x])[0], expected)

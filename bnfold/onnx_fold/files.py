@@ -316,7 +316,7 @@ _SESSION_FILES: list[Path] = []
 
 def session_source(model: onnx.ModelProto) -> bytes | str:
     """What ONNX Runtime can load ``model`` from: its bytes, or (over 2 GB) a temporary file with external data."""
-    if not uses_external_data(model) or _tensor_bytes(model) <= PROTOBUF_LIMIT:
+    if _tensor_bytes(model) <= PROTOBUF_LIMIT:  # an in-memory model over 2 GB cannot serialize either
         return inline_copy(model).SerializeToString()
     folder = Path(tempfile.mkdtemp(prefix="bnfold-session-"))
     if not _SESSION_FILES:
