@@ -150,38 +150,71 @@ def _dynamo(model: nn.Module, x: torch.Tensor) -> int:
 DRAWS = 3  # seeded inputs per error measurement: one input's max error is a noisy statistic
 
 
-def _errors(model: nn.Module, x: torch.Tensor, *candidates: object) -> list[float]:
+class DetectionProbe(nn.Module):
+    """What a torchvision detector computes before its steps that jump (top-k, score threshold, NMS).
+
+    With random weights a detector's boxes are empty or chosen among near-ties, so its final output
+    says nothing about a fold. The probe returns the backbone's features of the transformed image
+    and the dense head's outputs on them (RPN head, RetinaNet / FCOS / SSD head): where its BN live.
+    """
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        d = self.detector
+        images, _ = d.transform(list(x))
+        features = d.backbone(images.tensors)
+        features = list(features.values()) if isinstance(features, dict) else [features]
+        head = d.rpn.head if hasattr(d, "rpn") else d.head
+        return (*features, *torch.utils._pytree.tree_leaves(head(features)))
+
+
+def probe(spec: str, model: nn.Module) -> nn.Module:
+    """The module whose outputs an error is measured on: a detector's :class:`DetectionProbe`, else the model."""
+    return DetectionProbe(model) if spec.startswith("tv:") and hasattr(model, "transform") else model
+
+
+def _errors(spec: str, model: nn.Module, x: torch.Tensor, *candidates: object) -> list[float | None]:
     """Max error of each candidate (a module, or ONNX on ONNX Runtime's CPU) vs ``model`` in float64.
 
-    Of the output's scale, on the first output; the largest over ``DRAWS`` seeded inputs of ``x``'s shape
-    (``x`` first); the float64 truth is computed once per input.
+    Of the output's scale, the largest over the outputs and over ``DRAWS`` seeded inputs of ``x``'s
+    shape (``x`` first); the float64 truth is computed once per input. None where every output is
+    empty (a detector's boxes: its modules are measured through :func:`probe`, its ONNX file cannot be).
     """
     from bnfold.deploy.runtimes import run_onnx, run_torch, run_torch64
 
-    worst = [0.0] * len(candidates)
+    worst: list[float | None] = [None] * len(candidates)
     for draw in range(DRAWS):
         xi = x if draw == 0 else torch.randn(x.shape, generator=torch.Generator().manual_seed(draw))
         inputs = [xi.numpy()]
-        truth = run_torch64(model, inputs)[0]
+        truths: dict[bool, list] = {}  # by whether the candidate is a module (probed) or an ONNX file (not)
         for k, c in enumerate(candidates):
-            got = run_torch(c, inputs)[0] if isinstance(c, nn.Module) else run_onnx(c, inputs, "ort-cpu")[0]
-            worst[k] = max(worst[k], error_stats(got, truth).scaled_max)
+            module = isinstance(c, nn.Module)
+            if module not in truths:
+                truths[module] = run_torch64(probe(spec, model) if module else model, inputs)
+            got = run_torch(probe(spec, c), inputs) if module else run_onnx(c, inputs, "ort-cpu")
+            for g, t in zip(got, truths[module], strict=True):
+                if t.size:
+                    worst[k] = max(worst[k] or 0.0, error_stats(g, t).scaled_max)
     return worst
 
 
-def _fold_error64(model: nn.Module, x: torch.Tensor) -> float:
+def _fold_error64(spec: str, model: nn.Module, x: torch.Tensor) -> float:
     """The fold's own error, without float32 rounding: fold a float64 copy, compare in float64.
 
     An exact fold leaves only float64 rounding (about 1e-15 of the output's scale, more where the model
-    amplifies rounding); a wrong fold shows at any precision.
+    amplifies rounding); a wrong fold shows at any precision. The largest over the outputs.
     """
     model64 = copy.deepcopy(model).double()
     x64 = x.double()
     folded64, _ = bnfold.fold(model64, (x64,))
     with torch.no_grad():
-        truth, got = model64(x64), folded64(x64)
-    truth, got = (t[0] if isinstance(t, (tuple, list)) else t for t in (truth, got))
-    return error_stats(got.numpy(), truth.numpy()).scaled_max
+        truth = torch.utils._pytree.tree_leaves(probe(spec, model64)(x64))
+        got = torch.utils._pytree.tree_leaves(probe(spec, folded64)(x64))
+    errors = [error_stats(g.numpy(), t.numpy()).scaled_max for g, t in zip(got, truth, strict=True) if t.numel()]
+    return max(errors, default=0.0)
 
 
 def sweep_one(spec: str, peers: str) -> dict:
@@ -215,9 +248,9 @@ def _measure(spec: str, peers: str, row: dict) -> dict:
     row["bn_unused_torch"] = sum(1 for e in report.layers if not e.folded and "not called by forward" in e.reason)
     row["reasons_torch"] = [reason_class(e.reason) for e in report.layers if not e.folded]
     row["reasons_torch_text"] = [f"{e.name}: {e.reason}"[:200] for e in report.layers if not e.folded]
-    row["err_torch"], row["err_own"] = _errors(model, x, folded, model)
+    row["err_torch"], row["err_own"] = _errors(spec, model, x, folded, model)
     try:
-        row["err_torch64"] = _fold_error64(model, x)
+        row["err_torch64"] = _fold_error64(spec, model, x)
     except Exception as error:  # noqa: BLE001 - a model that does not run in float64 (a fixed dtype inside)
         row["err_torch64"] = f"failed: {type(error).__name__}: {str(error)[:100]}"
     # verify's verdict only: its power measurement (planted weight changes) would double the sweep's time
@@ -242,7 +275,7 @@ def _measure(spec: str, peers: str, row: dict) -> dict:
         folded_proto, onnx_report = bnfold.fold_onnx(kept)
         row["bn_left_onnx"] = onnx_bn(folded_proto)
         row["reasons_onnx"] = [reason_class(e.reason) for e in onnx_report.layers if not e.folded]
-        row["err_onnx"], row["err_onnx_own"] = _errors(model, x, folded_proto, kept)
+        row["err_onnx"], row["err_onnx_own"] = _errors(spec, model, x, folded_proto, kept)
         row["verify_onnx"] = bnfold.verify(model, folded_proto, input_shapes=[tuple(x.shape)], power=False).passed
         row["bn_left_ort_basic"] = _ort_basic(kept)
         if peers == "all":
@@ -312,6 +345,12 @@ def _write_rows(path: Path, rows: list[dict]) -> None:
     partial.replace(path)
 
 
+def _num(row: dict, key: str, default: float = float("nan")) -> float:
+    """A measured number of the row; ``default`` where it is absent, None or a failure text."""
+    value = row.get(key)
+    return float(value) if isinstance(value, int | float) else default
+
+
 def _print_row(row: dict) -> None:
     spec = row["model"]
     if "crash" in row:
@@ -326,9 +365,9 @@ def _print_row(row: dict) -> None:
     print(
         f"{spec:<34} {row['bn_total']:>4} {cell('bn_left_torch', 5)} {cell('bn_left_onnx')} "
         f"{cell('bn_left_ort_basic')} {cell('bn_left_fuse')} {cell('bn_left_onnxsim')} {cell('bn_left_dynamo')} "
-        f"{row.get('err_torch', float('nan')):>9.2e} {row.get('err_onnx', float('nan')):>9.2e} "
-        f"{row.get('err_own', float('nan')):>9.2e} {row.get('fold_s', 0):>6.2f} {row.get('fuse_s', 0):>6.2f} "
-        f"{row.get('err_torch64', float('nan')) if isinstance(row.get('err_torch64'), float) else float('nan'):>8.1e}",
+        f"{_num(row, 'err_torch'):>9.2e} {_num(row, 'err_onnx'):>9.2e} "
+        f"{_num(row, 'err_own'):>9.2e} {row.get('fold_s', 0):>6.2f} {row.get('fuse_s', 0):>6.2f} "
+        f"{_num(row, 'err_torch64'):>8.1e}",
         flush=True,
     )
 
@@ -385,14 +424,14 @@ def summarize(rows: list[dict]) -> None:
     print(f"  a bnfold path leaves more BN than a peer: {behind or 'none'}")
 
     def own(r: dict) -> float:  # the original's own float32 error, on either runtime
-        return max(r.get("err_own", 0.0), r.get("err_onnx_own", 0.0))
+        return max(_num(r, "err_own", 0.0), _num(r, "err_onnx_own", 0.0))
 
     failed = [r["model"] for r in ran if r.get("verify_torch") is False or r.get("verify_onnx") is False]
     print(f"  bnfold verify MISMATCH (torch or ONNX result): {failed or 'none'}")
     high = [
-        f"{r['model']} ({max(r.get('err_torch', 0), r.get('err_onnx', 0)) / own(r):.2f}x)"
+        f"{r['model']} ({max(_num(r, 'err_torch', 0.0), _num(r, 'err_onnx', 0.0)) / own(r):.2f}x)"
         for r in ran
-        if own(r) and max(r.get("err_torch", 0), r.get("err_onnx", 0)) > 1.5 * own(r)
+        if own(r) and max(_num(r, "err_torch", 0.0), _num(r, "err_onnx", 0.0)) > 1.5 * own(r)
     ]
     print(f"  max error over 1.5x the original's own float32 error ({DRAWS} inputs): {high or 'none'}")
     exact = [r["err_torch64"] for r in ran if isinstance(r.get("err_torch64"), float)]
