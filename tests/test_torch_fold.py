@@ -432,6 +432,35 @@ def test_recorded_run_sees_uses_outside_modules():
     assert_equivalent(model, folded, x)
 
 
+class UntraceableHead(nn.Module):
+    """timm's EfficientViT (MSRA) head, bn -> Dropout -> Linear, in a model fx cannot trace."""
+
+    def __init__(self, always_drop: bool = False):
+        super().__init__()
+        self.bn, self.drop, self.linear = nn.BatchNorm1d(6), nn.Dropout(0.0), nn.Linear(6, 3)
+        self.always_drop = always_drop
+
+    def forward(self, x):
+        if x.sum() > -1e9:  # data-dependent control flow: the fold works from a recorded run
+            y = self.bn(x)
+            y = nn.functional.dropout(y, 0.5, training=True) if self.always_drop else self.drop(y)
+            return self.linear(y)
+        return x
+
+
+def test_recorded_run_folds_through_an_eval_dropout():
+    x = torch.randn(4, 6)
+    model, folded, report = _fold(UntraceableHead(), x)
+    assert report.method == "recorded" and report.bn_folded == 1, report.layers[0].reason
+    assert_equivalent(model, folded, x)
+
+
+def test_recorded_run_keeps_bn_before_a_dropout_that_drops():
+    x = torch.randn(4, 6)
+    _, _, report = _fold(UntraceableHead(always_drop=True), x)  # training=True even in eval: random, not linear
+    assert report.method == "recorded" and report.bn_kept == 1 and "dropout" in report.layers[0].reason
+
+
 # -- whole-model properties ----------------------------------------------------------------
 
 

@@ -45,6 +45,7 @@ _BATCH_NORM_ARGS = {
     BATCH_NORM_FUNCTIONS[0]: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
     BATCH_NORM_FUNCTIONS[1]: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"),
 }
+_DROPOUT_FUNCTIONS = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout")
 _MAX_POOL_MODULES = (
     nn.MaxPool1d,
     nn.MaxPool2d,
@@ -294,6 +295,8 @@ class ModuleView(Float64Staging):
             and not set(call.kwargs) - {"other"}
         ):
             return OpKind.SUM, None
+        if name in _DROPOUT_FUNCTIONS and len(call.inputs) == 1 and _arg(call, 2, "training", True) is False:
+            return OpKind.SUM, None  # F.dropout(x, p, training=False): x itself (a Dropout in a recorded run)
         zero = [a for a in call.args if not isinstance(a, fx.Node) and isinstance(a, int | float) and a == 0]
         if is_add and len(call.inputs) == 1 and len(call.args) == 2 and not call.kwargs and zero:
             return OpKind.SUM, None  # ``0 + x`` (MobileOne starts its sum from 0): passes x on
