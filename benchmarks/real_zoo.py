@@ -201,20 +201,35 @@ def _errors(spec: str, model: nn.Module, x: torch.Tensor, *candidates: object) -
     return worst
 
 
-def _fold_error64(spec: str, model: nn.Module, x: torch.Tensor) -> float:
-    """The fold's own error, without float32 rounding: fold a float64 copy, compare in float64.
+def _fold_error64(spec: str, model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """The fold's own error without float32 rounding, and what storing its weights in float32 costs.
 
-    An exact fold leaves only float64 rounding (about 1e-15 of the output's scale, more where the model
-    amplifies rounding); a wrong fold shows at any precision. The largest over the outputs.
+    A float64 copy is folded and compared with the original in float64: an exact fold leaves only
+    float64 rounding (about 1e-15 of the output's scale, more where the model amplifies rounding); a
+    wrong fold shows at any precision. Then the folded weights are rounded to float32 and the model
+    run again in float64: that error is the floor of any float32 folded model (its weights are new
+    numbers, each rounded once), on top of the original's own float32 arithmetic error.
+
+    Returns:
+        ``(fold error, weight-rounding error)``, each the largest over the outputs, of each output's scale.
     """
     model64 = copy.deepcopy(model).double()
     x64 = x.double()
     folded64, _ = bnfold.fold(model64, (x64,))
+
+    def error(candidate: nn.Module) -> float:
+        with torch.no_grad():
+            truth = torch.utils._pytree.tree_leaves(probe(spec, model64)(x64))
+            got = torch.utils._pytree.tree_leaves(probe(spec, candidate)(x64))
+        pairs = zip(got, truth, strict=True)
+        return max((error_stats(g.numpy(), t.numpy()).scaled_max for g, t in pairs if t.numel()), default=0.0)
+
+    exact = error(folded64)
     with torch.no_grad():
-        truth = torch.utils._pytree.tree_leaves(probe(spec, model64)(x64))
-        got = torch.utils._pytree.tree_leaves(probe(spec, folded64)(x64))
-    errors = [error_stats(g.numpy(), t.numpy()).scaled_max for g, t in zip(got, truth, strict=True) if t.numel()]
-    return max(errors, default=0.0)
+        for tensor in list(folded64.parameters()) + list(folded64.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.float().double())
+    return exact, error(folded64)
 
 
 def sweep_one(spec: str, peers: str) -> dict:
@@ -250,7 +265,7 @@ def _measure(spec: str, peers: str, row: dict) -> dict:
     row["reasons_torch_text"] = [f"{e.name}: {e.reason}"[:200] for e in report.layers if not e.folded]
     row["err_torch"], row["err_own"] = _errors(spec, model, x, folded, model)
     try:
-        row["err_torch64"] = _fold_error64(spec, model, x)
+        row["err_torch64"], row["err_weights32"] = _fold_error64(spec, model, x)
     except Exception as error:  # noqa: BLE001 - a model that does not run in float64 (a fixed dtype inside)
         row["err_torch64"] = f"failed: {type(error).__name__}: {str(error)[:100]}"
     # verify's verdict only: its power measurement (planted weight changes) would double the sweep's time
@@ -423,16 +438,14 @@ def summarize(rows: list[dict]) -> None:
     behind = [line for r in ran for line in behind_a_peer(r)]
     print(f"  a bnfold path leaves more BN than a peer: {behind or 'none'}")
 
-    def own(r: dict) -> float:  # the original's own float32 error, on either runtime
-        return max(_num(r, "err_own", 0.0), _num(r, "err_onnx_own", 0.0))
-
     failed = [r["model"] for r in ran if r.get("verify_torch") is False or r.get("verify_onnx") is False]
     print(f"  bnfold verify MISMATCH (torch or ONNX result): {failed or 'none'}")
-    high = [
-        f"{r['model']} ({max(_num(r, 'err_torch', 0.0), _num(r, 'err_onnx', 0.0)) / own(r):.2f}x)"
-        for r in ran
-        if own(r) and max(_num(r, "err_torch", 0.0), _num(r, "err_onnx", 0.0)) > 1.5 * own(r)
-    ]
+    high = []  # each path against the original's own float32 error on the same runtime (PyTorch, ONNX Runtime)
+    for r in ran:
+        for path, err, own in (("torch", "err_torch", "err_own"), ("onnx", "err_onnx", "err_onnx_own")):
+            if _num(r, own, 0.0) and _num(r, err, 0.0) > 1.5 * _num(r, own, 0.0):
+                weights = f"; float32 weights alone {r['err_weights32']:.1e}" if "err_weights32" in r else ""
+                high.append(f"{r['model']} {path} {r[err]:.1e} vs own {r[own]:.1e} ({r[err] / r[own]:.2f}x{weights})")
     print(f"  max error over 1.5x the original's own float32 error ({DRAWS} inputs): {high or 'none'}")
     exact = [r["err_torch64"] for r in ran if isinstance(r.get("err_torch64"), float)]
     inexact = [
