@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bnfold  # noqa: E402
 from bnfold.deploy.error_stats import error_stats  # noqa: E402
 from bnfold.deploy.export import export_keeping_bn  # noqa: E402
+from bnfold.deploy.runtimes import run_onnx, run_torch, run_torch64  # noqa: E402
 from bnfold.report import reason_class  # noqa: E402
 from bnfold.zoo import randomize_batchnorm  # noqa: E402
 
@@ -176,6 +177,14 @@ def probe(spec: str, model: nn.Module) -> nn.Module:
     return DetectionProbe(model) if spec.startswith("tv:") and hasattr(model, "transform") else model
 
 
+def _worst(got: list, truth: list, worst: float | None = None) -> float | None:
+    """The largest error of outputs ``got`` vs ``truth`` (of each output's scale) and ``worst``; empty ones skipped."""
+    for g, t in zip(got, truth, strict=True):
+        if t.size:
+            worst = max(worst or 0.0, error_stats(g, t).scaled_max)
+    return worst
+
+
 def _errors(spec: str, model: nn.Module, x: torch.Tensor, *candidates: object) -> list[float | None]:
     """Max error of each candidate (a module, or ONNX on ONNX Runtime's CPU) vs ``model`` in float64.
 
@@ -183,8 +192,6 @@ def _errors(spec: str, model: nn.Module, x: torch.Tensor, *candidates: object) -
     shape (``x`` first); the float64 truth is computed once per input. None where every output is
     empty (a detector's boxes: its modules are measured through :func:`probe`, its ONNX file cannot be).
     """
-    from bnfold.deploy.runtimes import run_onnx, run_torch, run_torch64
-
     worst: list[float | None] = [None] * len(candidates)
     for draw in range(DRAWS):
         xi = x if draw == 0 else torch.randn(x.shape, generator=torch.Generator().manual_seed(draw))
@@ -195,13 +202,11 @@ def _errors(spec: str, model: nn.Module, x: torch.Tensor, *candidates: object) -
             if module not in truths:
                 truths[module] = run_torch64(probe(spec, model) if module else model, inputs)
             got = run_torch(probe(spec, c), inputs) if module else run_onnx(c, inputs, "ort-cpu")
-            for g, t in zip(got, truths[module], strict=True):
-                if t.size:
-                    worst[k] = max(worst[k] or 0.0, error_stats(g, t).scaled_max)
+            worst[k] = _worst(got, truths[module], worst[k])
     return worst
 
 
-def _fold_error64(spec: str, model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
+def _fold_error64(spec: str, model: nn.Module, x: torch.Tensor) -> tuple[float | None, float | None]:
     """The fold's own error without float32 rounding, and what storing its weights in float32 costs.
 
     A float64 copy is folded and compared with the original in float64: an exact fold leaves only
@@ -213,23 +218,15 @@ def _fold_error64(spec: str, model: nn.Module, x: torch.Tensor) -> tuple[float, 
     Returns:
         ``(fold error, weight-rounding error)``, each the largest over the outputs, of each output's scale.
     """
-    model64 = copy.deepcopy(model).double()
-    x64 = x.double()
-    folded64, _ = bnfold.fold(model64, (x64,))
-
-    def error(candidate: nn.Module) -> float:
-        with torch.no_grad():
-            truth = torch.utils._pytree.tree_leaves(probe(spec, model64)(x64))
-            got = torch.utils._pytree.tree_leaves(probe(spec, candidate)(x64))
-        pairs = zip(got, truth, strict=True)
-        return max((error_stats(g.numpy(), t.numpy()).scaled_max for g, t in pairs if t.numel()), default=0.0)
-
-    exact = error(folded64)
+    inputs = [x.numpy()]
+    truth = run_torch64(probe(spec, model), inputs)
+    folded64, _ = bnfold.fold(copy.deepcopy(model).double(), (x.double(),))
+    exact = _worst(run_torch(probe(spec, folded64), inputs), truth)  # run_torch: in the model's dtype
     with torch.no_grad():
         for tensor in list(folded64.parameters()) + list(folded64.buffers()):
             if tensor.is_floating_point():
                 tensor.copy_(tensor.float().double())
-    return exact, error(folded64)
+    return exact, _worst(run_torch(probe(spec, folded64), inputs), truth)
 
 
 def sweep_one(spec: str, peers: str) -> dict:

@@ -78,13 +78,22 @@ def _names(inputs: tuple[torch.Tensor, ...]) -> list[str]:
     return ["input"] if len(inputs) == 1 else [f"input_{i}" for i in range(len(inputs))]
 
 
-def _dynamo(model: nn.Module, inputs: tuple, opset: int | None, dynamic_batch: bool) -> onnx.ModelProto:
+def _dynamo(
+    model: nn.Module, inputs: tuple, opset: int | None, dynamic_batch: bool, optimize: bool = True
+) -> onnx.ModelProto:
+    """The dynamo exporter; ``optimize=False`` leaves its optimizer out (it would fold Conv+BN itself)."""
     dynamic = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")
         dynamic = tuple({0: batch} for _ in inputs)
     program = torch.onnx.export(
-        model, inputs, dynamo=True, dynamic_shapes=dynamic, opset_version=opset, input_names=_names(inputs)
+        model,
+        inputs,
+        dynamo=True,
+        dynamic_shapes=dynamic,
+        opset_version=opset,
+        input_names=_names(inputs),
+        optimize=optimize,
     )
     return program.model_proto
 
@@ -118,19 +127,14 @@ def export_keeping_bn(model: nn.Module, example_inputs: Any, *, dynamic_batch: b
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     with _quiet(), torch.no_grad():
         if isinstance(model, torch.fx.GraphModule):  # a torch.export program's module: TorchScript cannot take it
-            return _dynamo_keeping_bn(model, inputs)
+            return _dynamo(model, inputs, None, dynamic_batch=False, optimize=False)
         try:
             return _torchscript(model.eval(), inputs, None, dynamic_batch, keep_bn=True)
         except Exception as error:  # noqa: BLE001 - the other exporter may take it
-            try:
-                return _dynamo_keeping_bn(model, inputs)
+            try:  # at the example's batch: a per-input kernel (CondConv) reshapes by it
+                return _dynamo(model, inputs, None, dynamic_batch=False, optimize=False)
             except Exception:  # noqa: BLE001 - neither: the first exporter's error says more
                 raise error from None
-
-
-def _dynamo_keeping_bn(model: nn.Module, inputs: tuple) -> onnx.ModelProto:
-    program = torch.onnx.export(model, inputs, dynamo=True, optimize=False, input_names=_names(inputs))
-    return program.model_proto
 
 
 def _feeds(model: onnx.ModelProto, inputs: tuple) -> dict[str, np.ndarray]:
