@@ -228,3 +228,27 @@ def test_a_reflect_padded_branch_is_not_merged_in_a_module():
     (total,) = merge_candidates(view)
     with pytest.raises(Exception, match="copies of its input"):
         check_merge(view, total)
+
+
+@pytest.mark.parametrize(
+    ("start", "merged"),
+    [(np.zeros(1), 1), (np.zeros(()), 1), (np.full(1, 0.5), 0), (np.zeros((1, 1, 1, 1, 1)), 0)],
+    ids=["zero", "zero-scalar", "twin-not-zero", "twin-zero-that-adds-an-axis"],
+)
+def test_a_sum_started_from_zero_merges(start, merged):
+    """MobileOne (timm) starts its branch sum from ``0``: ``Add(0, BN(x))`` passes BN(x) on; other starts do not."""
+    rank = max(4, start.ndim)
+    text = _HEAD + f"""g (float[2,4,6,6] x) => (float[{",".join(["d"] * rank)}] y) {{
+  i = BatchNormalization (x, s1, b1, m1, v1)
+  z = Add (start, i)
+  k = Conv <pads=[1,1,1,1]> (x, W3)
+  y = Add (z, k)
+}}"""
+    model = parser.parse_model(text)
+    rng = np.random.default_rng(0)
+    for name, shape in {"W3": (4, 4, 3, 3), **_bn(1)}.items():
+        value = rng.standard_normal(shape).astype(np.float32)
+        model.graph.initializer.append(numpy_helper.from_array(np.abs(value) + 0.5 if name[0] == "v" else value, name))
+    model.graph.initializer.append(numpy_helper.from_array(start.astype(np.float32), "start"))
+    onnx.checker.check_model(model, full_check=True)
+    _check(model, merged=merged, bn_left=1 - merged)

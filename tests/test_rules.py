@@ -153,6 +153,60 @@ def _branches(identity_c=4):
     }
 
 
+def _repvit(m, x):
+    """timm RepViT's RepVggDw after a stem: BN on the sum of two convs and the stem's output itself."""
+    x = m.stem(x)
+    return m.bn(m.kxk(x) + m.one(x) + x)
+
+
+def _repvit_twin(m, x):
+    x = m.stem(x)
+    return m.bn(m.kxk(x) + m.one(x) + torch.tanh(x))  # a branch that is not linear in x: no merge, BN stays
+
+
+def _repvit_layers():
+    return {
+        "stem": nn.Sequential(_conv(4, 4, 1), _bn()),
+        "kxk": nn.Sequential(_conv(4, 4, 3, padding=1, groups=4, bias=False), _bn()),
+        "one": _conv(4, 4, 1, groups=4),
+        "bn": _bn(),
+    }
+
+
+def _repghost(m, x):
+    """timm RepGhost's module: a depthwise conv + BN of ``x1`` plus BN(Identity(x1)), then a shortcut of ``x``."""
+    x1 = torch.relu(m.primary(x))
+    return m.act(m.cheap(x1) + m.fusion_bn(m.fusion_conv(x1))) + x
+
+
+def _repghost_twin(m, x):
+    x1 = torch.relu(m.primary(x))
+    return m.act(m.cheap(x1) + m.fusion_bn(m.fusion_conv(x))) + x  # the BN branch reads x, not x1
+
+
+def _repghost_layers():
+    return {
+        "primary": nn.Sequential(_conv(4, 4, 1, bias=False), _bn()),
+        "cheap": nn.Sequential(_conv(4, 4, 3, padding=1, groups=4, bias=False), _bn()),
+        "fusion_conv": nn.Identity(),
+        "fusion_bn": _bn(),
+        "act": nn.Identity(),
+    }
+
+
+def _repmixer(m, x):
+    """timm FastViT's RepMixer: ``x + scale * (mixer(x) - norm(x))``, mixer a conv + BN and BN branch, norm a BN."""
+    return x + 0.5 * (m.kxk(x) + m.id1(x) - m.id2(x))
+
+
+def _repmixer_twin(m, x):
+    return x + 0.5 * (m.kxk(x) + m.id1(x) - m.id2(torch.tanh(x)))  # the subtracted BN reads another tensor
+
+
+def _repmixer_layers():
+    return {"kxk": nn.Sequential(_conv(4, 4, 3, padding=1, groups=4, bias=False), _bn()), "id1": _bn(), "id2": _bn()}
+
+
 def _linear_cat(dim):
     def forward(m, x):
         return m.bn(torch.cat([m.a(x), m.b(x)], dim))
@@ -237,6 +291,18 @@ ROWS = {
     "merge-parallel-branches": Row(lambda: Net(_repvgg, **_branches()), (2, 4, 6, 6), 0, "branch of"),
     "merge-parallel-branches/twin-identity-reads-another-tensor": Row(
         lambda: Net(_repvgg_twin, **_branches()), (2, 4, 6, 6), 1
+    ),
+    "merge-then-fold-bn-after-the-sum": Row(lambda: Net(_repvit, **_repvit_layers()), (2, 4, 6, 6), 0),
+    "merge-then-fold-bn-after-the-sum/twin-nonlinear-branch": Row(
+        lambda: Net(_repvit_twin, **_repvit_layers()), (2, 4, 6, 6), 1, "not a"
+    ),
+    "merge-inner-sum-beside-a-shortcut": Row(lambda: Net(_repghost, **_repghost_layers()), (2, 4, 6, 6), 0),
+    "merge-inner-sum-beside-a-shortcut/twin-bn-reads-another-tensor": Row(
+        lambda: Net(_repghost_twin, **_repghost_layers()), (2, 4, 6, 6), 1
+    ),
+    "merge-a-difference": Row(lambda: Net(_repmixer, **_repmixer_layers()), (2, 4, 6, 6), 0, "branch of"),
+    "merge-a-difference/twin-bn-reads-another-tensor": Row(
+        lambda: Net(_repmixer_twin, **_repmixer_layers()), (2, 4, 6, 6), 1
     ),
     "one-bn-after-several-layers": Row(
         lambda: Net(_shared_bn, a=_conv(), b=_conv(), bn=_bn()), (2, 3, 6, 6), 0, "each call"

@@ -453,6 +453,10 @@ class OnnxView:
             kind, inputs = OpKind.LAYER, inputs[:1]
         elif op_type in ("Add", "Sum") and all(self.index.constant(i) is None for i in inputs):
             kind = OpKind.SUM
+        elif op_type == "Sub" and len(inputs) == 2 and all(self.index.constant(i) is None for i in inputs):
+            kind = OpKind.DIFFERENCE
+        elif (passed := self._plus_zero(node)) is not None:
+            kind, inputs = OpKind.SUM, [passed]  # ``0 + x`` (MobileOne starts its sum from 0): passes x on
         elif op_type == "Add" and len(inputs) == 2:
             producers = [self.index.producer.get(i) for i in inputs]
             if any(p is not None and p.op_type == "MatMul" for p in producers):
@@ -582,6 +586,19 @@ class OnnxView:
         self.index.set_output(state.node, 0, plan.total.output)
         self.write_weight(state, weight, [])
         self.write_bias(state, bias)
+
+    def _plus_zero(self, node: onnx.NodeProto) -> str | None:
+        """``x`` when ``node`` is ``Add(x, 0)`` or ``Add(0, x)`` with a one-element zero that broadcasts to nothing."""
+        if node.op_type != "Add" or len(node.input) != 2 or not all(node.input):
+            return None
+        for mine, other in (node.input, node.input[::-1]):
+            zero = self.index.constant(other)
+            rank = self.index.ranks.get(mine)
+            if self.index.constant(mine) is not None or zero is None or zero.size != 1 or np.any(zero):
+                continue
+            if zero.ndim <= (rank if rank is not None else 1):
+                return mine
+        return None
 
     def flattens_channels(self, node: onnx.NodeProto | None, value: str) -> bool:
         """Whether ``node`` turns ``value`` (N, C, ...) into (N, C * ...): Flatten(axis=1), or a Reshape to that."""

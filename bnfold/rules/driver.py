@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from bnfold.affine import FoldRefused
 from bnfold.report import FOLDED_INTO_PRODUCERS, KEPT, MERGED_INTO_BRANCH, LayerEntry, MergeEntry
-from bnfold.rules.merge_branches import MergePlan, check_merge, merge_candidates
+from bnfold.rules.merge_branches import MergePlan, merge_plans
 from bnfold.rules.rule import Plan, Rule
 from bnfold.rules.view import BNSite, GraphView, MergingView, Node, Op
 
@@ -63,9 +63,8 @@ def _try_site(view: GraphView, site: BNSite, rules: Sequence[Rule]) -> bool:
 
 def merge_all(view: MergingView) -> Iterator[tuple[Op, MergePlan]]:
     """Merge every sum of parallel branches that merges exactly; yield each sum and its plan as it is merged."""
-    for total in merge_candidates(view):
+    for total, plan in merge_plans(view):
         try:
-            plan = check_merge(view, total)
             view.merge(plan)  # refuses (rounding) before it changes anything
         except FoldRefused as refused:
             logger.debug("not merged: %s", refused)

@@ -11,22 +11,29 @@ where ``centre`` pads a smaller kernel to K x K around its centre. Exact when ev
 sees ``x`` at the same positions: equal stride and groups; the same offset of each kernel's
 centre from its padding on every side; dilation 1 where kernels differ; zero padding; and for
 an identity or BN branch, stride 1, an offset of 0 and as many output as input channels.
-BN on a conv branch is folded into that conv first by the BN rules.
+A branch may also be subtracted (FastViT's RepMixer computes ``mixer(x) - norm(x)``): its
+weights enter with a minus sign. BN on a conv branch is folded into that conv first by the BN rules. Ops that pass their
+input on unchanged (``nn.Identity``, an eval-mode Dropout, the Identity a fold leaves) are
+looked through: a branch reading ``Identity(x)`` reads ``x``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+from collections.abc import Iterator
 
 import numpy as np
 
 from bnfold.affine import Affine, FoldRefused, Layout, float64
-from bnfold.rules.checks import sum_nodes, summands
 from bnfold.rules.view import GraphView, Layer, Node, Op, OpKind, Value
 
-__all__ = ["IDENTITY_LABEL", "MergePlan", "check_merge", "merge_candidates"]
+__all__ = ["IDENTITY_LABEL", "SUBTRACTED", "MergePlan", "check_merge", "merge_candidates", "merge_plans"]
+
+logger = logging.getLogger(__name__)
 
 IDENTITY_LABEL = "identity (the input itself)"
+SUBTRACTED = "(subtracted)"
 
 
 @dataclasses.dataclass
@@ -42,18 +49,100 @@ class MergePlan:
     bn_nodes: list[Node]  # BN nodes merged (their report rows say so)
 
 
+_ADDING = (OpKind.SUM, OpKind.DIFFERENCE)
+
+
 def merge_candidates(view: GraphView) -> list[Op]:
-    """Every sum not read by another sum (the outermost of nested sums)."""
+    """Every sum (or difference) not read by another (the outermost of nested sums)."""
     found = []
     for node in view.nodes():
         op = view.op(node)
-        if op.kind is not OpKind.SUM:
+        if op.kind not in _ADDING:
             continue
         readers = view.readers(op.output)
-        if len(readers) == 1 and readers[0] is not None and view.op(readers[0]).kind is OpKind.SUM:
+        if len(readers) == 1 and readers[0] is not None and view.op(readers[0]).kind in _ADDING:
             continue
         found.append(op)
     return found
+
+
+def _signed_terms(view: GraphView, op: Op, sign: float = 1.0) -> tuple[list[tuple[Value, Node, float]], list[Node]]:
+    """The tensors a nested sum / difference adds, each with the node reading it and its sign; the nodes walked.
+
+    An inner sum or difference counts as part of the outer one when the outer one is its only reader.
+    """
+    found: list[tuple[Value, Node, float]] = []
+    nodes: list[Node] = [op.node]
+    for i, value in enumerate(op.inputs):
+        term_sign = -sign if op.kind is OpKind.DIFFERENCE and i == 1 else sign
+        producer = view.producer(value)
+        inner = view.op(producer) if producer is not None else None
+        if inner is not None and inner.kind in _ADDING and view.readers(value) == [op.node]:
+            inner_found, inner_nodes = _signed_terms(view, inner, term_sign)
+            found += inner_found
+            nodes += inner_nodes
+        else:
+            found.append((value, op.node, term_sign))
+    return found, nodes
+
+
+def _inner_sums(view: GraphView, op: Op) -> list[Op]:
+    """The sums of two or more inputs that ``op`` adds as part of itself (through pass-on ops), nearest first."""
+    found: list[Op] = []
+    for value in op.inputs:
+        producer = view.producer(value)
+        inner = view.op(producer) if producer is not None else None
+        if inner is None or inner.kind not in _ADDING or view.readers(value) != [op.node]:
+            continue
+        found += [inner] if len(inner.inputs) > 1 else _inner_sums(view, inner)
+    return found
+
+
+def merge_plans(view: GraphView) -> Iterator[tuple[Op, MergePlan]]:
+    """Each sum that merges, with its plan: outermost sums first; where one refuses, the sums inside it.
+
+    ``(a + b) + x`` merges as a whole when all three branches read one tensor; otherwise
+    ``a + b`` may still merge alone (RepGhost adds a shortcut to its merged pair). The caller
+    may merge each plan before asking for the next.
+    """
+    pending = merge_candidates(view)
+    while pending:
+        total = pending.pop(0)
+        try:
+            plan = check_merge(view, total)
+        except FoldRefused as refused:
+            logger.debug("not merged: %s", refused)
+            pending[:0] = _inner_sums(view, total)
+            continue
+        yield total, plan
+
+
+def _passed_on(view: GraphView, value: Value) -> tuple[Value, list[Node]]:
+    """The tensor ``value`` is an unchanged copy of (through one-input sums: Identity, eval Dropout), and those ops."""
+    walked: list[Node] = []
+    while (producer := view.producer(value)) is not None:
+        op = view.op(producer)
+        if op.kind is not OpKind.SUM or len(op.inputs) != 1:
+            break
+        walked.append(producer)
+        value = op.inputs[0]
+    return value, walked
+
+
+def _dead_after(view: GraphView, candidates: list[Node], removed: list[Node]) -> list[Node]:
+    """The ``candidates`` (pass-on ops) nothing reads once ``removed`` (and they) are gone."""
+    gone = {id(node) for node in removed}
+    dead: list[Node] = []
+    changed = True
+    while changed:
+        changed = False
+        for node in candidates:
+            readers = view.readers(view.op(node).output)
+            if id(node) not in gone and readers and all(r is not None and id(r) in gone for r in readers):
+                gone.add(id(node))
+                dead.append(node)
+                changed = True
+    return dead
 
 
 def _offsets(layer: Layer) -> list[tuple[float, float]]:
@@ -79,40 +168,76 @@ def _identity(channels: int, groups: int, kernel: tuple[int, ...], scale: np.nda
     return weight
 
 
+@dataclasses.dataclass
+class _Summand:
+    """One tensor a sum adds, read two ways: as itself (an identity branch) or as a conv/BN of its input."""
+
+    value: Value
+    reader: Node
+    sign: float  # +1 added, -1 subtracted
+    root: Value  # the tensor ``value`` is an unchanged copy of
+    op: Op | None = None  # a conv or BN writing ``value``
+    layer: Layer | None = None
+    input_root: Value | None = None  # what that conv or BN reads (through pass-on ops)
+    walked: list[Node] = dataclasses.field(default_factory=list)  # pass-on ops before it
+
+
+def _summand(view: GraphView, value: Value, reader: Node, sign: float) -> _Summand:
+    part = _Summand(value, reader, sign, _passed_on(view, value)[0])
+    producer = view.producer(value)
+    op = view.op(producer) if producer is not None else None
+    if op is None or op.kind not in (OpKind.LAYER, OpKind.BATCH_NORM):
+        return part
+    if op.kind is OpKind.LAYER:
+        try:
+            part.layer = view.layer(producer)
+        except FoldRefused:
+            return part  # not a layer bnfold can read: at most an identity branch
+        branch_input = part.layer.data_input
+    else:
+        branch_input = op.inputs[0]
+    part.op = op
+    part.input_root, part.walked = _passed_on(view, branch_input)
+    return part
+
+
 def check_merge(view: GraphView, total: Op) -> MergePlan:
-    """The merged layer for a sum of parallel branches, or FoldRefused with why not."""
-    parts = summands(view, total)
+    """The merged layer for a sum of parallel branches, or FoldRefused with why not.
+
+    Every branch reads one tensor ``x``: a conv or BN of ``x``, or ``x`` itself. A summand
+    written by a conv may be either (``conv(x) + x`` where ``x`` is itself a conv's output),
+    so the tensor all branches share is found first.
+    """
+    terms, walked_sums = _signed_terms(view, total)
+    parts = [_summand(view, value, reader, sign) for value, reader, sign in terms]
     if len(parts) < 2:
         raise FoldRefused(f"{total.label} adds fewer than two branches")
-    layers: list[tuple[Value, Layer]] = []
-    affines: list[tuple[Value, Affine, Node | None]] = []  # identity branches: (value, map, BN node or None)
-    source: Value | None = None
-    for value, reader in parts:
-        producer = view.producer(value)
-        op = view.op(producer) if producer is not None else None
-        if op is not None and op.kind is OpKind.LAYER:
-            layer = view.layer(producer)
-            branch_input = layer.data_input
-        elif op is not None and op.kind is OpKind.BATCH_NORM:
-            affine = view.bn_affine(op.node)
-            branch_input = op.inputs[0]
-        else:
-            branch_input = value  # the tensor itself: an identity branch
-        if source is None:
-            source = branch_input
-        if branch_input != source:
-            raise FoldRefused(f"the branches of {total.label} do not all read the same tensor")
-        if value != source and view.readers(value) != [reader]:
+    options = [p.input_root for p in parts if p.input_root is not None] + [p.root for p in parts]
+    source = next(
+        (x for x in dict.fromkeys(options) if all(x in (p.root, p.input_root) for p in parts)),
+        None,
+    )
+    if source is None:
+        raise FoldRefused(f"the branches of {total.label} do not all read the same tensor")
+    layers: list[tuple[Layer, float]] = []
+    affines: list[tuple[Affine | None, Node | None, float]] = []  # identity branches: (map, BN node or None, sign)
+    passes: list[Node] = []  # pass-on ops before the branches, removed when nothing else reads them
+    for part in parts:
+        if part.root == source:
+            affines.append((None, None, part.sign))
+            continue
+        if view.readers(part.value) != [part.reader]:
             raise FoldRefused(f"a branch of {total.label} is also read elsewhere")
-        if op is not None and op.kind is OpKind.LAYER:
-            layers.append((value, layer))
-        elif op is not None and op.kind is OpKind.BATCH_NORM:
-            affines.append((value, affine, op.node))
+        passes += part.walked
+        if part.layer is not None:
+            layers.append((part.layer, part.sign))
         else:
-            affines.append((value, None, None))
+            affines.append((view.bn_affine(part.op.node), part.op.node, part.sign))
     if not layers:
         raise FoldRefused(f"no branch of {total.label} is a convolution")
-    return _merged(view, total, layers, affines)
+    plan = _merged(view, total, layers, affines, walked_sums)
+    plan.removed += _dead_after(view, passes, plan.removed)
+    return plan
 
 
 def _check_geometry(total: Op, layers: list[Layer]) -> tuple[tuple[int, ...], Layer]:
@@ -145,33 +270,39 @@ def _check_geometry(total: Op, layers: list[Layer]) -> tuple[tuple[int, ...], La
 def _merged(
     view: GraphView,
     total: Op,
-    layers: list[tuple[Value, Layer]],
-    affines: list[tuple[Value, Affine | None, Node | None]],
+    layers: list[tuple[Layer, float]],
+    affines: list[tuple[Affine | None, Node | None, float]],
+    walked_sums: list[Node],
 ) -> MergePlan:
-    """Check the geometry and add every branch's weights, in float64."""
-    kernel, keep = _check_geometry(total, [layer for _, layer in layers])
-    first = layers[0][1]
+    """Check the geometry and add (or subtract) every branch's weights, in float64."""
+    kernel, keep = _check_geometry(total, [layer for layer, _ in layers])
+    first = layers[0][0]
     if affines and (any(s != 1 for s in first.geometry.stride) or any(o != (0.0, 0.0) for o in _offsets(first))):
         raise FoldRefused(f"an identity branch of {total.label} needs stride 1 and an output the size of the input")
     if affines and first.in_channels != first.out_channels:
         raise FoldRefused(f"an identity branch of {total.label} needs as many output as input channels")
     weight = np.zeros((first.out_channels, first.in_channels // first.groups, *kernel), dtype=np.float64)
     bias = np.zeros(first.out_channels, dtype=np.float64)
-    for _, layer in layers:
+    for layer, sign in layers:
         w, b = view.weights(layer)
-        weight += _centred(float64(w), kernel)
+        weight += sign * _centred(float64(w), kernel)
         if b is not None:
-            bias += float64(b).reshape(-1)
-    for _, affine, _ in affines:
+            bias += sign * float64(b).reshape(-1)
+    for affine, _, sign in affines:
         scale = np.ones(first.out_channels) if affine is None else affine.scale
         if scale.size != first.out_channels:
             raise FoldRefused(f"a BN branch of {total.label} has {scale.size} channels, not {first.out_channels}")
-        weight += _identity(first.out_channels, first.groups, kernel, scale)
+        weight += _identity(first.out_channels, first.groups, kernel, sign * scale)
         if affine is not None:
-            bias += affine.shift
-    removed = [layer.node for _, layer in layers if layer is not keep]
-    bn_nodes = [node for _, _, node in affines if node is not None]
-    labels = [layer.label for _, layer in layers] + [
-        view.label(node) if node is not None else IDENTITY_LABEL for _, _, node in affines
+            bias += sign * affine.shift
+    removed = [layer.node for layer, _ in layers if layer is not keep]
+    bn_nodes = [node for _, node, _ in affines if node is not None]
+    labels = [_signed(layer.label, sign) for layer, sign in layers] + [
+        _signed(view.label(node) if node is not None else IDENTITY_LABEL, sign) for _, node, sign in affines
     ]
-    return MergePlan(total, keep, weight, bias, labels, removed + bn_nodes + sum_nodes(view, total), bn_nodes)
+    return MergePlan(total, keep, weight, bias, labels, removed + bn_nodes + walked_sums, bn_nodes)
+
+
+def _signed(label: str, sign: float) -> str:
+    """A branch's label for the report; a subtracted branch says so."""
+    return label if sign > 0 else f"{label} {SUBTRACTED}"

@@ -34,6 +34,7 @@ class OpKind(enum.Enum):
     BATCH_NORM = "batch_norm"
     CONCAT = "concat"  # joins its inputs along ``Op.axis``
     SUM = "sum"  # adds its inputs (no constants, no scaling)
+    DIFFERENCE = "difference"  # its first input minus its second (no constants, no scaling)
     FLATTEN = "flatten"  # (N, C, ...) -> (N, C * ...): each channel stays one contiguous run
     MAX_POOL = "max_pool"  # commutes with a per-channel map whose scales are positive
     AVG_POOL = "avg_pool"  # averages real values only (no zero padding counted): commutes with any per-channel map

@@ -240,6 +240,9 @@ class AtenView(Float64Staging):
         plain_add = plain_add or (in_place and isinstance(node.args[0], fx.Node) and list(node.args[0].users) == [node])
         if plain_add and all(isinstance(a, fx.Node) for a in node.args):
             return Op(node, OpKind.SUM, list(node.args), node, label)
+        plain_sub = target is aten.sub.Tensor and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1
+        if plain_sub and all(isinstance(a, fx.Node) for a in node.args):
+            return Op(node, OpKind.DIFFERENCE, list(node.args), node, label)
         if _passes_input_on(node):  # a one-input sum: the rules walk through it
             return Op(node, OpKind.SUM, [node.args[0]], node, label)
         if target in _RESHAPES and _flattens_channels(node):

@@ -14,12 +14,11 @@ from typing import Any
 
 from torch import nn
 
-from bnfold.affine import FoldRefused
 from bnfold.errors import BnfoldError, first_line
 from bnfold.report import FoldReport, LayerEntry, MergeEntry
 from bnfold.rules import RULES, fold_graph
 from bnfold.rules.driver import merge_all, record_merge
-from bnfold.rules.merge_branches import IDENTITY_LABEL, MergePlan, check_merge, merge_candidates
+from bnfold.rules.merge_branches import IDENTITY_LABEL, MergePlan, merge_plans
 from bnfold.torch_fold.aten import fold_exported, has_aten_batch_norm
 from bnfold.torch_fold.dataflow import DataFlow, record, trace
 from bnfold.torch_fold.module_view import ModuleView, set_submodule
@@ -58,12 +57,7 @@ def _owner(plan: MergePlan) -> str:
 def _merge_blocks(model: nn.Module, flow: DataFlow, entries: list[LayerEntry]) -> tuple[nn.Module, list[MergeEntry]]:
     """Merge parallel branches block by block: a block with a merge becomes a GraphModule in the model's own class."""
     view = ModuleView(model, flow)
-    owners = set()
-    for total in merge_candidates(view):
-        try:
-            owners.add(_owner(check_merge(view, total)))
-        except FoldRefused:
-            continue
+    owners = {_owner(plan) for _, plan in merge_plans(view)}
     by_name = {entry.name: entry for entry in entries}
     merges: list[MergeEntry] = []
     for owner in sorted(owners, key=lambda name: (-name.count(".") if name else 1, name)):
@@ -75,7 +69,7 @@ def _merge_blocks(model: nn.Module, flow: DataFlow, entries: list[LayerEntry]) -
                 entry = by_name.get(prefix + call.target)
                 if entry is not None:
                     record_merge(entry, total, prefix + plan.keep.name)
-            branches = [prefix + b if b != IDENTITY_LABEL else b for b in plan.branches]
+            branches = [b if b.startswith(IDENTITY_LABEL) else prefix + b for b in plan.branches]
             merges.append(MergeEntry(prefix + total.label, branches, prefix + plan.keep.name))
         if block_view.graph_changed:
             gm = block_view.flow.graph_module
@@ -122,6 +116,24 @@ def _fold_flow(
     if merge_branches and flow.method == "torch.fx" and not view.graph_changed:
         result, merges = _merge_blocks(result, flow, entries)
     return result.eval(), entries, merges
+
+
+def _fold_merged(
+    model: nn.Module, inputs: tuple | None, entries: list[LayerEntry], merges: list[MergeEntry]
+) -> tuple[nn.Module, list[MergeEntry]]:
+    """Fold again after merging branches, until a round merges nothing: a BN after a merged sum now follows a conv.
+
+    ``entries`` is updated in place: a BN kept before and folded (or re-judged) now takes its new entry.
+    """
+    new = merges
+    while new and any(not entry.folded for entry in entries):
+        model, again, new = _fold_flow(model, trace(model, inputs), merge_branches=True)
+        by_name = {entry.name: entry for entry in again}
+        for i, entry in enumerate(entries):
+            if not entry.folded and entry.name in by_name:
+                entries[i] = by_name[entry.name]
+        merges = merges + new
+    return model, merges
 
 
 def _memory_note(weight_bytes: int, inplace: bool) -> str:
@@ -198,6 +210,8 @@ def fold(
             except Exception as run_error:  # noqa: BLE001
                 raise BnfoldError(f"the model rejected the example inputs: {run_error}") from None
     folded, entries, merges = _fold_flow(work, flow, merge_branches)
+    if merges:
+        folded, merges = _fold_merged(folded, inputs, entries, merges)
     weight_bytes = sum(p.numel() * p.element_size() for p in work.parameters())
     if weight_bytes >= 2**30:
         notes.append(_memory_note(weight_bytes, inplace))

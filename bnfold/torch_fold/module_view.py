@@ -40,6 +40,7 @@ __all__ = ["ModuleView", "set_submodule"]
 
 _CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
 _ADD_FUNCTIONS = (operator.add, torch.add)
+_SUB_FUNCTIONS = (operator.sub, torch.sub)
 # Positional parameters of each functional batch_norm: torch.batch_norm orders them differently.
 _BATCH_NORM_ARGS = {
     BATCH_NORM_FUNCTIONS[0]: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
@@ -295,6 +296,9 @@ class ModuleView(Float64Staging):
             and not set(call.kwargs) - {"other"}
         ):
             return OpKind.SUM, None
+        is_sub = call.target in _SUB_FUNCTIONS or name in ("sub", "__sub__")
+        if is_sub and len(call.inputs) == 2 and len(call.args) == 2 and not call.kwargs:
+            return OpKind.DIFFERENCE, None
         if name in _DROPOUT_FUNCTIONS and len(call.inputs) == 1 and _arg(call, 2, "training", True) is False:
             return OpKind.SUM, None  # F.dropout(x, p, training=False): x itself (a Dropout in a recorded run)
         zero = [a for a in call.args if not isinstance(a, fx.Node) and isinstance(a, int | float) and a == 0]
