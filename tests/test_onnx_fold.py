@@ -656,3 +656,23 @@ def test_shape_reader_does_not_block_a_fold_and_follows_the_rename():
     shape = next(node for node in folded.graph.node if node.op_type == "Shape")
     conv = next(node for node in folded.graph.node if node.op_type == "Conv")
     assert list(shape.input) == list(conv.output) == ["y"]
+
+
+@pytest.mark.parametrize(
+    ("second", "klass"),
+    [("Relu (x)", "the neighbour is not a linear layer"), ("MatMul (x, Wm)", "a parameter is not a constant")],
+    ids=["a-residual-sum", "twin-matmul-plus-a-computed-bias"],
+)
+def test_bn_before_an_add_says_why(second, klass):
+    """BN read by a residual Add: the Add is not a linear layer (its reason class says so, not "not a constant")."""
+    from bnfold.report import reason_class
+
+    text = f"""<ir_version: 8, opset_import: ["" : OPSET]>
+    g (float[2,4] x) => (float[2,4] y) {{
+      r = Relu (x)
+      n = BatchNormalization (r, s, b, m, v)
+      o = {second}
+      y = Add (n, o)
+    }}"""
+    _, report = _check(_model(text, _consts(Wm=(4, 4)) + _bn_params(4)), {"x": _x(2, 4)}, folded_count=0)
+    assert reason_class(report.layers[0].reason).endswith(f"after: {klass}"), report.layers[0].reason

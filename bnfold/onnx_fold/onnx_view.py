@@ -228,6 +228,8 @@ class OnnxView:
             layer.add, layer.add_const_index, layer.bias = add, const_index, bias.reshape(-1)
             layer.out_rank = self.index.ranks.get(add.output[0], layer.out_rank)
             return layer
+        if not any(getattr(self.index.producer.get(i), "op_type", None) == "MatMul" for i in add.input):
+            raise FoldRefused(f"{_label(add)} is not a Conv, ConvTranspose, Gemm or MatMul")  # a sum, or x + constant
         raise FoldRefused(f"{_label(add)} is not MatMul plus a constant bias")
 
     def _non_constant(self, name: str) -> str:

@@ -127,7 +127,12 @@ def _fold_merged(
     """
     new = merges
     while new and any(not entry.folded for entry in entries):
-        model, again, new = _fold_flow(model, trace(model, inputs), merge_branches=True)
+        try:
+            flow = trace(model, inputs)
+        except Exception as error:  # noqa: BLE001 - the merged model is complete; only the extra round is lost
+            logger.debug("no fold after merging: the merged model does not trace (%s)", first_line(error))
+            break
+        model, again, new = _fold_flow(model, flow, merge_branches=True)
         by_name = {entry.name: entry for entry in again}
         for i, entry in enumerate(entries):
             if not entry.folded and entry.name in by_name:
