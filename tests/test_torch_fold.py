@@ -365,6 +365,33 @@ def test_conv_with_own_forward_that_scales_like_a_conv_takes_the_bn_after_it():
     assert_equivalent(model, folded, x)
 
 
+class ScriptableLinear(nn.Linear):
+    """timm's ``Linear``: its own forward only adds a TorchScript path; a plain Linear on both sides."""
+
+    def forward(self, x):
+        if torch.jit.is_scripting():
+            return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+        return F.linear(x, self.weight, self.bias)
+
+
+class ShiftedLinear(nn.Linear):
+    """A forward that adds a constant to its input first: BN's shift must not move behind it."""
+
+    def forward(self, x):
+        return F.linear(x + 1.0, self.weight, self.bias)
+
+
+@pytest.mark.parametrize(("head", "kept"), [(ScriptableLinear, 0), (ShiftedLinear, 1)], ids=["timm-linear", "twin"])
+def test_bn_before_a_linear_with_own_forward(head, kept):
+    """A Linear subclass proven in float64 to act like ``nn.Linear`` on its input takes the BN before it."""
+    x = torch.randn(4, 6)
+    model, folded, report = _fold(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(6), head(6, 3)), x)
+    assert report.bn_kept == kept, str(report)
+    if kept:
+        assert "its own forward" in report.layers[0].reason, str(report)
+    assert_equivalent(model, folded, x)
+
+
 def test_bn_before_a_conv_with_own_forward_is_kept():
     """Its forward pads (or does anything) to its input: BN's shift must not move behind it."""
     x = torch.randn(2, 3, 6, 6)

@@ -12,9 +12,9 @@ sees ``x`` at the same positions: equal stride and groups; the same offset of ea
 centre from its padding on every side; dilation 1 where kernels differ; zero padding; and for
 an identity or BN branch, stride 1, an offset of 0 and as many output as input channels.
 A branch may also be subtracted (FastViT's RepMixer computes ``mixer(x) - norm(x)``): its
-weights enter with a minus sign. BN on a conv branch is folded into that conv first by the BN rules. Ops that pass their
-input on unchanged (``nn.Identity``, an eval-mode Dropout, the Identity a fold leaves) are
-looked through: a branch reading ``Identity(x)`` reads ``x``.
+weights enter with a minus sign. BN on a conv branch is folded into that conv first by the BN
+rules. Ops that pass their input on unchanged (``nn.Identity``, an eval-mode Dropout, the
+Identity a fold leaves) are looked through: a branch reading ``Identity(x)`` reads ``x``.
 """
 
 from __future__ import annotations

@@ -387,7 +387,7 @@ class ModuleView(Float64Staging):
             geometry=_geometry(module)
             if spec.layout is Layout.CONV and spec.spatial and not spec.custom_forward
             else None,
-            reads_input_directly=not spec.custom_forward,
+            reads_input_directly=spec.input_proven,
         )
 
     # -- writing -------------------------------------------------------------------------

@@ -60,7 +60,8 @@ class LayerSpec:
     groups: int
     spatial: int  # number of spatial dims; 0 for Linear
     zero_padded: bool
-    custom_forward: bool = False  # its own forward, proven to scale with its output channels; input side unknown
+    custom_forward: bool = False  # its own forward, proven to scale with its output channels
+    input_proven: bool = True  # BN may fold in from before (a custom forward: proven for a Linear only)
 
     def channel_axis(self, rank: int) -> int:
         """The axis holding this layer's channels in a tensor of ``rank``."""
@@ -322,6 +323,37 @@ def _scales_with_output_channels(module: nn.Module, spatial: int) -> bool:
     )
 
 
+def _linear_on_its_input(module: nn.Linear) -> bool:
+    """Check in float64 that a Linear subclass with its own forward acts like ``nn.Linear`` on its input.
+
+    With the weight's columns scaled by ``s`` and ``W t`` added to the bias, ``x`` must give what
+    ``s * x + t`` gave before: the fold of a BN into the layer after it (timm's ``Linear``, which
+    only adds a TorchScript path, does). Convolutions are not tried: a forward that pads (``same``
+    padding computed per input size) breaks this at sizes a probe may not meet.
+    """
+    if module.weight is None or isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return False
+    generator = torch.Generator().manual_seed(1)
+    try:
+        work = copy.deepcopy(module).double().eval()
+        probe = torch.randn(3, 2, work.in_features, generator=generator, dtype=torch.float64)
+        scale = torch.rand(work.in_features, generator=generator, dtype=torch.float64) * 2 + 0.5
+        shift = torch.randn(work.in_features, generator=generator, dtype=torch.float64)
+        with torch.no_grad():
+            expected = work(probe * scale + shift)
+            bias = work.bias if work.bias is not None else torch.zeros(work.out_features, dtype=torch.float64)
+            work.bias = nn.Parameter(bias + work.weight @ shift)
+            work.weight *= scale
+            after = work(probe)
+    except Exception:  # noqa: BLE001 - any failure means "not what we think it is"
+        return False
+    return (
+        isinstance(after, torch.Tensor)
+        and after.shape == expected.shape
+        and torch.allclose(after, expected, rtol=1e-9, atol=1e-12)
+    )
+
+
 def _standard(module: nn.Module, base: type, *methods: str) -> bool:
     return all(getattr(type(module), m) is getattr(base, m) for m in methods)
 
@@ -361,5 +393,14 @@ def layer_spec(module: nn.Module) -> LayerSpec | str:
             return f"has a {weight.dtype} weight"
         groups = getattr(module, "groups", 1)
         zero_padded = spatial > 0 and layout is Layout.CONV and _zero_padded(module)
-        return LayerSpec(kind, layout, groups, spatial, zero_padded or custom, custom_forward=custom)
+        input_proven = not custom or (base is nn.Linear and _linear_on_its_input(module))
+        return LayerSpec(
+            kind,
+            layout,
+            groups,
+            spatial,
+            zero_padded or not input_proven,
+            custom_forward=custom,
+            input_proven=input_proven,
+        )
     return "is not a Conv, ConvTranspose or Linear"
