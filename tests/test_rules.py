@@ -234,6 +234,17 @@ ROWS = {
     "following-through-dropout/twin-activation": Row(
         lambda: nn.Sequential(nn.BatchNorm1d(6), nn.Dropout(0.5), nn.ReLU(), nn.Linear(6, 5)), (4, 6), 1
     ),
+    "following-through-pool-flatten-dropout": Row(  # timm's classifier head (visformer): pool, flatten, drop, fc
+        lambda: nn.Sequential(_bn(3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.5), nn.Linear(3, 5)),
+        (2, 3, 4, 4),
+        0,
+        "through",
+    ),
+    "following-through-pool-flatten-dropout/twin-activation": Row(
+        lambda: nn.Sequential(_bn(3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.ReLU(), nn.Linear(3, 5)),
+        (2, 3, 4, 4),
+        1,
+    ),
     "preceding-through-identity": Row(
         lambda: nn.Sequential(nn.Linear(6, 5), nn.Identity(), nn.BatchNorm1d(5)), (4, 6), 0
     ),

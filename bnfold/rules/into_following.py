@@ -52,6 +52,10 @@ class IntoFollowing(Rule):
         if op.kind is OpKind.FLATTEN and list(op.inputs) == [value]:
             through, value = op, op.output
             reader = _sole_reader(view, value, f"the output of {op.label}")
+            while (passes := view.op(reader)).kind is OpKind.SUM and list(passes.inputs) == [value]:
+                notes.append(f"through {passes.label}")  # an eval-mode Dropout / Identity after the flatten
+                value = passes.output
+                reader = _sole_reader(view, value, f"the output of {passes.label}")
         layer = view.layer(reader)
         if not layer.reads_input_directly:
             raise FoldRefused(f"{layer.label} has its own forward, so what it does to its input is unknown")
