@@ -185,7 +185,7 @@ REASON_CLASSES = [
     (r"custom forward|not traceable|its own forward", "custom forward not understood"),
     (r"scale is not positive", "a BN scale is not positive (BN does not commute with a max pool)"),
     (r"called \d+ time|registered under|hooks|parametriz", "module shared, hooked or parametrized"),
-    (r"weight|tied", "the layer's weight is shared or read elsewhere"),
+    (r"weight|tied|parameters are shared", "the layer's weight is shared or read elsewhere"),
     (r"channel|axis|rank", "channel axis does not line up"),
     (r"overflow|not finite|negative|divides by zero", "statistics unusable (overflow, negative, non-finite)"),
     (r"constant", "a parameter is not a constant"),
