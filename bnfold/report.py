@@ -14,6 +14,7 @@ __all__ = [
     "FOLDED_INTO_PRODUCERS",
     "KEPT",
     "MERGED_INTO_BRANCH",
+    "SUBTRACTED",
     "MergeEntry",
     "FoldReport",
     "LayerEntry",
@@ -53,6 +54,9 @@ class LayerEntry:
         return self.action != KEPT
 
 
+SUBTRACTED = "(subtracted)"  # ends the label of a branch merged with a minus sign
+
+
 @dataclasses.dataclass
 class MergeEntry:
     """Parallel branches summed, merged into one convolution.
@@ -66,6 +70,16 @@ class MergeEntry:
     sum: str
     branches: list[str]
     into: str
+
+    @property
+    def expression(self) -> str:
+        """The branches as a sum: ``a + b - c`` (a subtracted branch's label ends in :data:`SUBTRACTED`)."""
+        text = ""
+        for branch in self.branches:
+            name = branch.removesuffix(f" {SUBTRACTED}")
+            sign = "-" if name != branch else "+"
+            text = f"{text} {sign} {name}" if text else (f"-{name}" if sign == "-" else name)
+        return text
 
 
 @dataclasses.dataclass
@@ -151,7 +165,7 @@ class FoldReport:
         lines = ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3] for row in rows]
         lines.insert(1, "-" * min(100, sum(widths) + 6 + max(len(row[3]) for row in rows)))
         lines.append(self._totals(verb))
-        lines += [f"merged {m.sum}: {' + '.join(m.branches)} -> {m.into}" for m in self.merges]
+        lines += [f"merged {m.sum}: {m.expression} -> {m.into}" for m in self.merges]
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(line.rstrip() for line in lines)
 

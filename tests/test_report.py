@@ -29,3 +29,11 @@ from bnfold.report import reason_class
 )
 def test_reason_class(reason, klass):
     assert reason_class(reason) == klass
+
+
+def test_a_merge_reads_as_a_sum_with_its_subtracted_branches():
+    from bnfold.report import SUBTRACTED, MergeEntry
+
+    entry = MergeEntry("sub", ["mixer.conv", "mixer.identity", f"norm.identity {SUBTRACTED}"], "mixer.conv")
+    assert entry.expression == "mixer.conv + mixer.identity - norm.identity"
+    assert MergeEntry("sub", [f"a {SUBTRACTED}", "b"], "b").expression == "-a + b"

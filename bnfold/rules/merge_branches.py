@@ -26,6 +26,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from bnfold.affine import Affine, FoldRefused, Layout, float64
+from bnfold.report import SUBTRACTED
 from bnfold.rules.view import GraphView, Layer, Node, Op, OpKind, Value
 
 __all__ = ["IDENTITY_LABEL", "SUBTRACTED", "MergePlan", "check_merge", "merge_candidates", "merge_plans"]
@@ -33,7 +34,6 @@ __all__ = ["IDENTITY_LABEL", "SUBTRACTED", "MergePlan", "check_merge", "merge_ca
 logger = logging.getLogger(__name__)
 
 IDENTITY_LABEL = "identity (the input itself)"
-SUBTRACTED = "(subtracted)"
 
 
 @dataclasses.dataclass
