@@ -282,6 +282,15 @@ def _zero_padded(module: _ConvNd) -> bool:
     return any(p != 0 for p in padding)
 
 
+def _same(after: object, expected: torch.Tensor) -> bool:
+    """Whether a probe's float64 result is the expected tensor (to rounding)."""
+    return (
+        isinstance(after, torch.Tensor)
+        and after.shape == expected.shape
+        and torch.allclose(after, expected, rtol=1e-9, atol=1e-12)
+    )
+
+
 def _scales_with_output_channels(module: nn.Module, spatial: int) -> bool:
     """Check in float64 that a Conv/Linear subclass with its own forward acts like one on its output channels.
 
@@ -316,11 +325,7 @@ def _scales_with_output_channels(module: nn.Module, spatial: int) -> bool:
         expected = before * scale.reshape(shape) + shift.reshape(shape)
     except Exception:  # noqa: BLE001 - any failure means "not what we think it is"
         return False
-    return (
-        isinstance(after, torch.Tensor)
-        and after.shape == expected.shape
-        and torch.allclose(after, expected, rtol=1e-9, atol=1e-12)
-    )
+    return _same(after, expected)
 
 
 def _linear_on_its_input(module: nn.Linear) -> bool:
@@ -347,11 +352,7 @@ def _linear_on_its_input(module: nn.Linear) -> bool:
             after = work(probe)
     except Exception:  # noqa: BLE001 - any failure means "not what we think it is"
         return False
-    return (
-        isinstance(after, torch.Tensor)
-        and after.shape == expected.shape
-        and torch.allclose(after, expected, rtol=1e-9, atol=1e-12)
-    )
+    return _same(after, expected)
 
 
 def _standard(module: nn.Module, base: type, *methods: str) -> bool:
