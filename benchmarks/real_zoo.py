@@ -488,7 +488,7 @@ def summarize(rows: list[dict]) -> None:
     )
     exact = [r["err_torch64"] for r in ran if isinstance(r.get("err_torch64"), float)]
     inexact = [
-        f"{r['model']} ({r['err_torch64']:.1e})"
+        f"{r['model']} ({r['err_torch64']:.1e}; own float32 error {_num(r, 'err_own'):.1e})"
         for r in ran
         if isinstance(r.get("err_torch64"), float) and r["err_torch64"] > 1e-9
     ]
