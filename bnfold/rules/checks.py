@@ -10,10 +10,12 @@ from bnfold.rules.view import BNSite, GraphView, Layer, Node, Op, OpKind, Value
 __all__ = [
     "check_channel_axis",
     "only_reader",
+    "passes_on",
     "pool_notes",
     "pools_after",
     "pools_before",
     "reached_before",
+    "signed_terms",
     "sum_nodes",
     "summands",
 ]
@@ -56,8 +58,7 @@ def _commutes(op: Op, affine: Affine) -> None:
 
 def _passes_through(op: Op, value: Value) -> bool:
     """Whether BN commutes with ``op`` read at ``value``: a pool, or an op passing ``value`` on (Dropout, Identity)."""
-    passes_on = op.kind is OpKind.SUM and list(op.inputs) == [value]  # a one-input sum: its input, unchanged
-    return passes_on or (op.kind in (OpKind.MAX_POOL, OpKind.AVG_POOL) and list(op.inputs)[:1] == [value])
+    return passes_on(op, value) or (op.kind in (OpKind.MAX_POOL, OpKind.AVG_POOL) and list(op.inputs)[:1] == [value])
 
 
 def pools_before(view: GraphView, value: Value, reader: Node, affine: Affine) -> tuple[Value, Node, list[Op]]:
@@ -117,30 +118,39 @@ def pool_notes(pools: list[Op]) -> list[str]:
     return [f"through {op.label}" for op in pools]
 
 
-def _walk_sum(view: GraphView, op: Op) -> tuple[list[tuple[Value, Node]], list[Node]]:
-    """The tensors a (nested) sum adds (each with the sum node reading it) and the sum nodes walked through.
+def signed_terms(
+    view: GraphView, op: Op, kinds: tuple[OpKind, ...] = (OpKind.SUM,), sign: float = 1.0
+) -> tuple[list[tuple[Value, Node, float]], list[Node]]:
+    """The tensors a (nested) sum adds, each with the node reading it and its sign; and the nodes walked.
 
-    An inner sum counts as part of the outer one when the outer sum is its only reader.
+    An inner sum counts as part of the outer one when the outer one is its only reader. With
+    ``OpKind.DIFFERENCE`` in ``kinds``, differences are walked too (their second input subtracted).
     """
-    found: list[tuple[Value, Node]] = []
+    found: list[tuple[Value, Node, float]] = []
     nodes: list[Node] = [op.node]
-    for value in op.inputs:
+    for i, value in enumerate(op.inputs):
+        term_sign = -sign if op.kind is OpKind.DIFFERENCE and i == 1 else sign
         producer = view.producer(value)
         inner = view.op(producer) if producer is not None else None
-        if inner is not None and inner.kind is OpKind.SUM and view.readers(value) == [op.node]:
-            inner_found, inner_nodes = _walk_sum(view, inner)
+        if inner is not None and inner.kind in kinds and view.readers(value) == [op.node]:
+            inner_found, inner_nodes = signed_terms(view, inner, kinds, term_sign)
             found += inner_found
             nodes += inner_nodes
         else:
-            found.append((value, op.node))
+            found.append((value, op.node, term_sign))
     return found, nodes
+
+
+def passes_on(op: Op, value: Value) -> bool:
+    """Whether ``op`` hands ``value`` on unchanged: a one-input sum (Identity, eval Dropout, ``0 + x``)."""
+    return op.kind is OpKind.SUM and list(op.inputs) == [value]
 
 
 def summands(view: GraphView, op: Op) -> list[tuple[Value, Node]]:
     """The tensors a (nested) sum adds, each with the sum node that reads it."""
-    return _walk_sum(view, op)[0]
+    return [(value, node) for value, node, _ in signed_terms(view, op)[0]]
 
 
 def sum_nodes(view: GraphView, op: Op) -> list[Node]:
     """The sum nodes :func:`summands` walks through, outermost first."""
-    return _walk_sum(view, op)[1]
+    return signed_terms(view, op)[1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bnfold.affine import Affine, FoldRefused
 from bnfold.report import FOLDED_INTO_FOLLOWING
-from bnfold.rules.checks import check_channel_axis, pool_notes, pools_after
+from bnfold.rules.checks import check_channel_axis, passes_on, pool_notes, pools_after
 from bnfold.rules.rule import Plan, Rule
 from bnfold.rules.view import BNSite, GraphView, Node, OpKind, Value
 
@@ -52,7 +52,7 @@ class IntoFollowing(Rule):
         if op.kind is OpKind.FLATTEN and list(op.inputs) == [value]:
             through, value = op, op.output
             reader = _sole_reader(view, value, f"the output of {op.label}")
-            while (passes := view.op(reader)).kind is OpKind.SUM and list(passes.inputs) == [value]:
+            while passes_on(passes := view.op(reader), value):
                 notes.append(f"through {passes.label}")  # an eval-mode Dropout / Identity after the flatten
                 value = passes.output
                 reader = _sole_reader(view, value, f"the output of {passes.label}")

@@ -27,6 +27,7 @@ import numpy as np
 
 from bnfold.affine import Affine, FoldRefused, Layout, float64
 from bnfold.report import SUBTRACTED
+from bnfold.rules.checks import passes_on, signed_terms
 from bnfold.rules.view import GraphView, Layer, Node, Op, OpKind, Value
 
 __all__ = ["IDENTITY_LABEL", "SUBTRACTED", "MergePlan", "check_merge", "merge_candidates", "merge_plans"]
@@ -66,26 +67,6 @@ def merge_candidates(view: GraphView) -> list[Op]:
     return found
 
 
-def _signed_terms(view: GraphView, op: Op, sign: float = 1.0) -> tuple[list[tuple[Value, Node, float]], list[Node]]:
-    """The tensors a nested sum / difference adds, each with the node reading it and its sign; the nodes walked.
-
-    An inner sum or difference counts as part of the outer one when the outer one is its only reader.
-    """
-    found: list[tuple[Value, Node, float]] = []
-    nodes: list[Node] = [op.node]
-    for i, value in enumerate(op.inputs):
-        term_sign = -sign if op.kind is OpKind.DIFFERENCE and i == 1 else sign
-        producer = view.producer(value)
-        inner = view.op(producer) if producer is not None else None
-        if inner is not None and inner.kind in _ADDING and view.readers(value) == [op.node]:
-            inner_found, inner_nodes = _signed_terms(view, inner, term_sign)
-            found += inner_found
-            nodes += inner_nodes
-        else:
-            found.append((value, op.node, term_sign))
-    return found, nodes
-
-
 def _inner_sums(view: GraphView, op: Op) -> list[Op]:
     """The sums of two or more inputs that ``op`` adds as part of itself (through pass-on ops), nearest first."""
     found: list[Op] = []
@@ -122,7 +103,7 @@ def _passed_on(view: GraphView, value: Value) -> tuple[Value, list[Node]]:
     walked: list[Node] = []
     while (producer := view.producer(value)) is not None:
         op = view.op(producer)
-        if op.kind is not OpKind.SUM or len(op.inputs) != 1:
+        if not op.inputs or not passes_on(op, op.inputs[0]):
             break
         walked.append(producer)
         value = op.inputs[0]
@@ -208,7 +189,7 @@ def check_merge(view: GraphView, total: Op) -> MergePlan:
     written by a conv may be either (``conv(x) + x`` where ``x`` is itself a conv's output),
     so the tensor all branches share is found first.
     """
-    terms, walked_sums = _signed_terms(view, total)
+    terms, walked_sums = signed_terms(view, total, _ADDING)
     parts = [_summand(view, value, reader, sign) for value, reader, sign in terms]
     if len(parts) < 2:
         raise FoldRefused(f"{total.label} adds fewer than two branches")
