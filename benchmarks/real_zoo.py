@@ -14,8 +14,10 @@ BN-keeping TorchScript export; BN left by ONNX Runtime's basic level, torch.fx `
 and with ``--peers all`` also onnxsim and ``torch.onnx.export(dynamo=True)`` with its
 optimizer; max error of each bnfold result vs float64 beside the original's own float32
 error and the original's error when its weights move by half an ulp (float32 rounding of
-a folded weight moves it that much; ``--add-noise`` fills it into older rows); fold seconds
-beside fx ``fuse``; crashes. Every BN left gets a reason class, and the sweep prints the
+a folded weight moves it that much; ``--add-noise`` fills it into older rows); where a
+result is over 1.5x both, or ``bnfold.verify`` says MISMATCH, what verify says about it
+(first divergence, and whether the layer there is ill-conditioned; ``--diagnose`` fills
+older rows); fold seconds beside fx ``fuse``; crashes. Every BN left gets a reason class, and the sweep prints the
 classes with counts. Writes JSON (``--json``).
 """
 
@@ -195,8 +197,7 @@ def _errors(spec: str, model: nn.Module, x: torch.Tensor, *candidates: object) -
     empty (a detector's boxes: its modules are measured through :func:`probe`, its ONNX file cannot be).
     """
     worst: list[float | None] = [None] * len(candidates)
-    for draw in range(DRAWS):
-        xi = x if draw == 0 else torch.randn(x.shape, generator=torch.Generator().manual_seed(draw))
+    for xi in _inputs(x):
         inputs = [xi.numpy()]
         truths: dict[bool, list] = {}  # by whether the candidate is a module (probed) or an ONNX file (not)
         for k, c in enumerate(candidates):
@@ -257,6 +258,37 @@ def _fold_error64(spec: str, model: nn.Module, x: torch.Tensor) -> tuple[float |
     return exact, _worst(run_torch(probe(spec, folded64), inputs), truth)
 
 
+def _inputs(x: torch.Tensor) -> list[torch.Tensor]:
+    """The ``DRAWS`` seeded inputs :func:`_errors` measures on (``x`` first)."""
+    return [x if d == 0 else torch.randn(x.shape, generator=torch.Generator().manual_seed(d)) for d in range(DRAWS)]
+
+
+def diagnosis(reference: object, candidate: object, x: torch.Tensor) -> str:
+    """What ``bnfold.verify`` says on each measured input: the first divergence (and whether the layer there is
+    ill-conditioned), or that it passes on all of them."""
+    for k, xi in enumerate(_inputs(x)):
+        result = bnfold.verify(reference, candidate, inputs=[xi.numpy()], power=False)
+        if not result.passed:
+            where = result.runtimes[0].first_divergence or "no layer singled out"
+            return f"input {k}: MISMATCH, {where}"[:600]
+    return f"verify passes on all {DRAWS} inputs"
+
+
+def _verdict(reference: object, candidate: object, x: torch.Tensor) -> tuple[bool, str | None]:
+    """``bnfold.verify`` on its own seeded draws of ``x``'s shape: the verdict, and on a mismatch where it says the
+    models part."""
+    result = bnfold.verify(reference, candidate, input_shapes=[tuple(x.shape)], power=False)
+    return result.passed, None if result.passed else (result.runtimes[0].first_divergence or "no layer singled out")
+
+
+def _beyond(row: dict, path: str) -> bool:
+    """Whether a path's error is over 1.5x both the original's own error and its half-ulp noise error."""
+    err, own = ("err_torch", "err_own") if path == "torch" else ("err_onnx", "err_onnx_own")
+    if row.get("err_halfulp") is None:
+        return False
+    return bool(_num(row, own, 0.0)) and _num(row, err, 0.0) > 1.5 * max(_num(row, own), _num(row, "err_halfulp"))
+
+
 def sweep_one(spec: str, peers: str) -> dict:
     """Everything measured for one architecture."""
     row: dict = {"model": spec}
@@ -297,7 +329,11 @@ def _measure(spec: str, peers: str, row: dict) -> dict:
     except Exception as error:  # noqa: BLE001 - a model that does not run in float64 (a fixed dtype inside)
         row["err_torch64"] = f"failed: {type(error).__name__}: {str(error)[:100]}"
     # verify's verdict only: its power measurement (planted weight changes) would double the sweep's time
-    row["verify_torch"] = bnfold.verify(model, folded, input_shapes=[tuple(x.shape)], power=False).passed
+    row["verify_torch"], said = _verdict(model, folded, x)
+    if said:
+        row["diagnosis_verify_torch"] = said
+    if _beyond(row, "torch"):
+        row["diagnosis_torch"] = diagnosis(model, folded, x)
     try:
         start = time.perf_counter()
         fused = torch.fx.experimental.optimization.fuse(copy.deepcopy(model))
@@ -320,6 +356,10 @@ def _measure(spec: str, peers: str, row: dict) -> dict:
         row["reasons_onnx"] = [reason_class(e.reason) for e in onnx_report.layers if not e.folded]
         row["err_onnx"], row["err_onnx_own"] = _errors(spec, model, x, folded_proto, kept)
         row["verify_onnx"] = bnfold.verify(model, folded_proto, input_shapes=[tuple(x.shape)], power=False).passed
+        if not row["verify_onnx"]:  # the torch original cannot be compared layer by layer with ONNX: the export can
+            row["diagnosis_verify_onnx"] = _verdict(kept, folded_proto, x)[1]
+        if _beyond(row, "onnx"):
+            row["diagnosis_onnx"] = diagnosis(kept, folded_proto, x)
         row["bn_left_ort_basic"] = _ort_basic(kept)
         if peers == "all":
             row["bn_left_onnxsim"] = _onnxsim(kept)
@@ -466,7 +506,12 @@ def summarize(rows: list[dict]) -> None:
     behind = [line for r in ran for line in behind_a_peer(r)]
     print(f"  a bnfold path leaves more BN than a peer: {behind or 'none'}")
 
-    failed = [r["model"] for r in ran if r.get("verify_torch") is False or r.get("verify_onnx") is False]
+    failed = [
+        r["model"]
+        + "".join(f" [{p}: {r[f'diagnosis_verify_{p}']}]" for p in ("torch", "onnx") if r.get(f"diagnosis_verify_{p}"))
+        for r in ran
+        if r.get("verify_torch") is False or r.get("verify_onnx") is False
+    ]
     print(f"  bnfold verify MISMATCH (torch or ONNX result): {failed or 'none'}")
     beyond = []  # ... and against the original's error when its weights move by half an ulp (float32 rounding)
     high = []  # each path against the original's own float32 error on the same runtime (PyTorch, ONNX Runtime)
@@ -478,8 +523,9 @@ def summarize(rows: list[dict]) -> None:
                 high.append(
                     f"{r['model']} {path} {r[err]:.1e} vs own {r[own]:.1e} ({r[err] / r[own]:.2f}x{weights}{noise})"
                 )
-                if _num(r, err, 0.0) > 1.5 * max(_num(r, own, 0.0), _num(r, "err_halfulp", 0.0)):
-                    beyond.append(high[-1])
+                if _beyond(r, path):
+                    said = r.get(f"diagnosis_{path}")
+                    beyond.append(high[-1] + (f" [verify: {said}]" if said else ""))
     print(f"  max error over 1.5x the original's own float32 error ({DRAWS} inputs): {high or 'none'}")
     measured = sum(1 for r in ran if r.get("err_halfulp") is not None)
     print(
@@ -515,6 +561,14 @@ def _over(row: dict) -> bool:
     return any(_num(row, own, 0.0) and _num(row, err, 0.0) > 1.5 * _num(row, own, 0.0) for err, own in pairs)
 
 
+def _rebuild(row: dict) -> tuple[nn.Module, torch.Tensor]:
+    """A row's model and input as :func:`_measure` built them: the same random weights and statistics."""
+    torch.manual_seed(0)
+    model = build(row["model"]).eval()
+    randomize_batchnorm(model)
+    return model, torch.randn(row["input"], generator=torch.Generator().manual_seed(0))
+
+
 def _add_noise(path: Path) -> None:
     """Add ``err_halfulp`` to the rows of ``path`` over 1.5x their own error (rebuilt as the sweep built them)."""
     rows = json.loads(path.read_text())
@@ -524,12 +578,40 @@ def _add_noise(path: Path) -> None:
         spec = row["model"]
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
-            torch.manual_seed(0)  # as in _measure: the same random weights
-            model = build(spec).eval()
-            randomize_batchnorm(model)
-            x = torch.randn(row["input"], generator=torch.Generator().manual_seed(0))
+            model, x = _rebuild(row)
             row["err_halfulp"] = _noise_error(spec, model, x)
         print(f"{spec}: own {row.get('err_own', float('nan')):.1e}, half-ulp weight noise {row['err_halfulp']:.1e}")
+        _write_rows(path, rows)
+
+
+def _diagnose(path: Path, kinds: tuple[str, ...] = ("torch", "onnx")) -> None:
+    """Add what verify says to the rows of ``path`` over both yardsticks or failing verify, for paths ``kinds``."""
+    rows = json.loads(path.read_text())
+    for row in rows:
+        paths = [p for p in kinds if _beyond(row, p) and f"diagnosis_{p}" not in row]
+        failed = [p for p in kinds if row.get(f"verify_{p}") is False and f"diagnosis_verify_{p}" not in row]
+        if not paths and not failed:
+            continue
+        spec = row["model"]
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            model, x = _rebuild(row)
+            if "torch" in paths or "torch" in failed:
+                folded = bnfold.fold(model, (x,))[0]
+                if "torch" in paths:
+                    row["diagnosis_torch"] = diagnosis(model, folded, x)
+                if "torch" in failed:
+                    row["diagnosis_verify_torch"] = _verdict(model, folded, x)[1] or "passes now"
+            if "onnx" in paths or "onnx" in failed:
+                x = torch.randn(row.get("input_onnx", row["input"]), generator=torch.Generator().manual_seed(0))
+                kept = export_keeping_bn(model, (x,))
+                folded_proto = bnfold.fold_onnx(kept)[0]
+                if "onnx" in paths:
+                    row["diagnosis_onnx"] = diagnosis(kept, folded_proto, x)
+                if "onnx" in failed:
+                    row["diagnosis_verify_onnx"] = _verdict(kept, folded_proto, x)[1] or "passes on the export"
+        for key in [f"diagnosis_{p}" for p in paths] + [f"diagnosis_verify_{p}" for p in failed]:
+            print(f"{spec} {key}: {row[key]}")
         _write_rows(path, rows)
 
 
@@ -554,12 +636,28 @@ def main() -> None:
         help="For rows of these JSON files over 1.5x their own error: add err_halfulp (the original under "
         "half-ulp weight noise) in place; run nothing else.",
     )
+    parser.add_argument(
+        "--diagnose",
+        nargs="+",
+        help="For rows of these JSON files over 1.5x both their own and their half-ulp noise error: add what "
+        "bnfold.verify says on the measured inputs (first divergence, ill-conditioning) in place; run nothing else.",
+    )
+    parser.add_argument(
+        "--diagnose-paths",
+        nargs="+",
+        choices=["torch", "onnx"],
+        default=["torch", "onnx"],
+        help="With --diagnose: only these paths (ONNX localisation on a detector holds every intermediate of the "
+        "float64 reference evaluator: over 20 GB here).",
+    )
     parser.add_argument("--peers", choices=["basic", "all"], default="basic")
     parser.add_argument("--json", default=str(Path(__file__).with_name("real_zoo.json")))
     args = parser.parse_args()
-    if args.add_noise:
-        for path in args.add_noise:
+    if args.add_noise or args.diagnose:
+        for path in args.add_noise or []:
             _add_noise(Path(path))
+        for path in args.diagnose or []:
+            _diagnose(Path(path), tuple(args.diagnose_paths))
         return
     if args.summary_of:
         rows = [row for path in args.summary_of for row in json.loads(Path(path).read_text())]

@@ -238,12 +238,15 @@ def test_a_reflect_padded_branch_is_not_merged_in_a_module():
 def test_a_sum_started_from_zero_merges(start, merged):
     """MobileOne (timm) starts its branch sum from ``0``: ``Add(0, BN(x))`` passes BN(x) on; other starts do not."""
     rank = max(4, start.ndim)
-    text = _HEAD + f"""g (float[2,4,6,6] x) => (float[{",".join(["d"] * rank)}] y) {{
+    text = (
+        _HEAD
+        + f"""g (float[2,4,6,6] x) => (float[{",".join(["d"] * rank)}] y) {{
   i = BatchNormalization (x, s1, b1, m1, v1)
   z = Add (start, i)
   k = Conv <pads=[1,1,1,1]> (x, W3)
   y = Add (z, k)
 }}"""
+    )
     model = parser.parse_model(text)
     rng = np.random.default_rng(0)
     for name, shape in {"W3": (4, 4, 3, 3), **_bn(1)}.items():

@@ -239,3 +239,134 @@ def test_a_reference_dominated_by_rounding_is_named():
     model, folded = _folded()  # a well-conditioned model: no such note
     result = verify(model, folded, input_shapes=[(2, 1, 8, 8)], power=False)
     assert not any("dominated by rounding" in n for n in result.notes)
+
+
+class _Step(torch.nn.Module):
+    """A layer that turns float32 rounding of its input into whole steps of its output (the parity of x * 2^22)."""
+
+    def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inplace:
+            return x.mul_(2**22).floor_().remainder_(2)
+        return torch.remainder(torch.floor(x * 2**22), 2)
+
+
+def _nudged(model, name, relative):
+    """A copy of ``model`` with parameter ``name`` scaled by 1 + relative * (random signs)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    weight = dict(out.named_parameters())[name]
+    signs = torch.randint(0, 2, weight.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        weight.mul_(1 + relative * signs)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("last", "relative", "ill"),
+    [
+        (_Step(), 2**-22, True),  # a rounding-sized change upstream, amplified by the layer: ill-conditioned
+        (_Step(), 1e-2, False),  # a real change upstream (a wrong fold) is never excused, however steep the layer
+        (torch.nn.ReLU(), 2**-22, False),
+        (_Step(inplace=True), 2**-22, True),  # judged on what it was given, not on what it overwrote
+    ],
+)
+def test_an_ill_conditioned_layer_is_named_as_such(last, relative, ill):
+    from bnfold.deploy.verify import _conditioning, _torch_intermediates
+
+    torch.manual_seed(0)
+    x = [np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)]
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), last).eval()
+    candidate = _nudged(model, "1.weight", relative)
+    truth = _torch_intermediates(model, x, float64=True)["2"]
+    said = _conditioning(model, candidate, "2", x, truth, 1e-3, (1e-4, 1e-5))
+    assert ("ill-conditioned there" in said) is ill, said
+
+
+def test_a_wrong_fold_is_not_called_ill_conditioned():
+    model, folded = _folded()
+    with torch.no_grad():
+        folded.layers[1].conv2.weight[0, 0, 0, 0] += 0.5
+    result = verify(model, folded, input_shapes=[(2, 1, 8, 8)], power=False)
+    assert not result.passed and "ill-conditioned" not in result.runtimes[0].first_divergence
+
+
+@pytest.mark.parametrize(
+    ("op", "relative", "ill"), [("Sin", 2**-22, True), ("Sin", 1e-2, False), ("Relu", 2**-22, False)]
+)
+def test_an_ill_conditioned_onnx_node_is_named_as_such(op, relative, ill):
+    from bnfold.deploy.verify import _onnx_conditioning
+
+    rng = np.random.default_rng(0)
+    x = [rng.standard_normal((4, 8)).astype(np.float32)]
+    w1 = rng.standard_normal((8, 16)).astype(np.float32) * 1e3
+    w2 = rng.standard_normal((16, 16)).astype(np.float32) * 1e3
+
+    def graph(second):  # sin of values near 1e6 turns their rounding into O(1)
+        return onnx.helper.make_model(
+            onnx.helper.make_graph(
+                [
+                    onnx.helper.make_node("MatMul", ["x", "w1"], ["h1"]),
+                    onnx.helper.make_node("MatMul", ["h1", "w2"], ["h2"]),
+                    onnx.helper.make_node(op, ["h2"], ["y"], name="last"),
+                ],
+                "g",
+                [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 8])],
+                [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 16])],
+                [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(second, "w2")],
+            ),
+            opset_imports=[onnx.helper.make_opsetid("", 17)],
+        )
+
+    signs = rng.integers(0, 2, w2.shape) * 2 - 1
+    candidate = graph((w2 * (1 + relative * signs)).astype(np.float32))
+    said = _onnx_conditioning(graph(w2), candidate, "y", x, "ort-cpu", 1e-3, (1e-4, 1e-5))
+    assert ("ill-conditioned there: the candidate's input to it is within" in said) is ill, said
+
+
+class _Pooled(torch.nn.Module):
+    """A block ending in an Identity of its own (timm's HaloAttn: ``self.pool(out)``), no fold's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.full((1, 8, 1, 1), 2.0))
+        self.pool = torch.nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x * self.gain)
+
+
+class _DeepStem(torch.nn.Module):
+    """timm's deep stem: a Sequential ending in a conv whose BN lies outside it (folded into that conv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 8, 3))
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.act1 = torch.nn.ReLU(inplace=True)
+        self.pooled = _Pooled()
+        self.conv2 = torch.nn.Conv2d(8, 8, 3)
+        self.bn2 = torch.nn.BatchNorm2d(8)
+        self.act2 = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act2(self.bn2(self.conv2(self.pooled(self.act1(self.bn1(self.stem(x)))))))
+
+
+def test_a_container_ending_in_a_folded_layer_is_not_called_divergent():
+    model = randomized(_DeepStem()).eval()
+    folded, report = bnfold.fold(model)
+    assert report.bn_kept == 0
+    assert verify(model, folded, input_shapes=[(2, 3, 12, 12)], power=False).passed
+    with torch.no_grad():
+        folded.conv2.weight[0] *= 1.01  # wrong after the stem: the stem's output must not be named
+    divergence = verify(model, folded, input_shapes=[(2, 3, 12, 12)], power=False).runtimes[0].first_divergence
+    assert divergence.startswith("module 'act2' (ReLU) after 'pooled'"), divergence
+    with torch.no_grad():
+        folded.pooled.gain[0, 0] = 2.5  # wrong in a block ending in its own Identity: that block is named
+    divergence = verify(model, folded, input_shapes=[(2, 3, 12, 12)], power=False).runtimes[0].first_divergence
+    assert divergence.startswith("module 'pooled' (_Pooled) after 'act1'"), divergence

@@ -8,7 +8,8 @@ reported beside, so a user sees whether folding added error; where the reference
 the candidate's runtime too (a module on ``torch-cuda``, an ONNX model on ``ort-cuda``) its
 error there counts as well: a GPU's TF32 convolutions round both models alike. On a mismatch the first
 diverging layer is named, from intermediate tensors (forward hooks in torch, extra
-graph outputs in ONNX).
+graph outputs in ONNX), each judged like an output, and that layer's conditioning is checked:
+a layer that turns the original's own rounding into an error as large is named ill-conditioned.
 
 The rule judges every element on its own scale. With the default tolerances an element
 passes when
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -391,34 +393,72 @@ def _worst(a: list[OutputCheck] | None, b: list[OutputCheck]) -> list[OutputChec
 # -- localisation ------------------------------------------------------------------------------
 
 
-def _torch_intermediates(model: nn.Module, inputs: list[np.ndarray], float64: bool) -> dict[str, np.ndarray]:
-    """Output of every module's first call, in completion order; the ``name`` key maps to its type too."""
+def _torch_intermediates(
+    model: nn.Module,
+    inputs: list[np.ndarray],
+    float64: bool,
+    skip: frozenset[str] = frozenset(),
+    ignore: frozenset[str] = frozenset(),
+    order: list[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """Output of every module's first call but those in ``skip``, in completion order.
+
+    In float64 (the model cast to double) or in the model's own dtype; each a copy (later
+    in-place ops would overwrite it), kept in the dtype it ran in, so a large model's
+    intermediates cost what its activations do. A module whose output is the very tensor a
+    skipped module returned (a Sequential ending in a folded conv) is skipped too; those in
+    ``ignore`` are neither kept nor passed through. ``order``, if
+    given, receives the names of all modules (skipped ones too) in the order their first calls
+    finish.
+    """
     import torch
 
     model = copy.deepcopy(model).eval().cpu()
     if float64:
         model = model.double()
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     seen: dict[str, np.ndarray] = {}
     handles = []
+    finished: set[str] = set()
+    # outputs of skipped modules, by identity and version: a container passing one on unchanged is skipped too (an
+    # in-place activation returns the same tensor, changed: its version moved)
+    skipped: dict[int, tuple[weakref.ref, int]] = {}
     for name, module in model.named_modules():
         if not name:
             continue
 
         def hook(mod: nn.Module, args: tuple, out: object, name: str = name) -> None:
-            if isinstance(out, torch.Tensor) and name not in seen:
-                seen[name] = out.detach().to(torch.float64).numpy()
+            if name in finished:
+                return
+            finished.add(name)
+            if order is not None:
+                order.append(name)
+            if not isinstance(out, torch.Tensor) or name in ignore:
+                return
+            ref, version = skipped.get(id(out), (None, -1))
+            if name in skip or (ref is not None and ref() is out and out._version == version):
+                skipped[id(out)] = (weakref.ref(out), out._version)
+                return
+            kept = out.detach().float() if out.dtype == torch.bfloat16 else out.detach().clone()
+            seen[name] = kept.numpy()
 
         handles.append(module.register_forward_hook(hook))
+    _forward(model, inputs, handles)
+    return seen
+
+
+def _forward(model: nn.Module, inputs: list[np.ndarray], handles: list[Any]) -> None:
+    """Run ``model`` on ``inputs`` (floats cast to its dtype) without gradients, then remove the hook ``handles``."""
+    import torch
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     tensors = [torch.from_numpy(np.array(x)) for x in inputs]
     tensors = [t.to(dtype) if t.is_floating_point() else t for t in tensors]
     try:
         with torch.no_grad():
             model(*tensors)
     finally:
-        for h in handles:
-            h.remove()
-    return seen
+        for handle in handles:
+            handle.remove()
 
 
 def _torch_divergence(
@@ -428,38 +468,236 @@ def _torch_divergence(
 
     Conv/Linear outputs (and BN outputs, for folds into the following layer)
     legitimately change when BN is folded; every other module's output must not.
-    The layers run between the last matching point and the first diverging one
-    are named.
+    Each output is judged like a final one: against float64 truth, allowing the
+    reference's own float32 rounding there. The layers run between the last matching
+    point and the first diverging one are named, and the diverging module is checked
+    for ill-conditioning (:func:`_conditioning`).
     """
     from torch import nn
 
     changed_by_folding = (nn.Identity, nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
-    truth = _torch_intermediates(reference, inputs, float64=True)
-    got = _torch_intermediates(candidate, inputs, float64=False)
     modules = dict(candidate.named_modules())
+    # outputs folding changes are not compared: not kept either (a detector's conv outputs are most of its memory).
+    # An Identity the original has too (an attention's pool) is no fold's: not compared (its parent is, and says
+    # more), but what it passes on is not a folding change either.
+    originals = dict(reference.named_modules())
+    own_identity = frozenset(
+        n for n, m in modules.items() if isinstance(m, nn.Identity) and isinstance(originals.get(n), nn.Identity)
+    )
+    skip = frozenset(n for n, m in modules.items() if isinstance(m, changed_by_folding)) - own_identity
+    truth = _torch_intermediates(reference, inputs, float64=True, skip=skip, ignore=own_identity)
+    own = _torch_intermediates(reference, inputs, float64=False, skip=skip, ignore=own_identity)
+    order: list[str] = []
+    got = _torch_intermediates(candidate, inputs, float64=False, skip=skip, ignore=own_identity, order=order)
     last_good, between = None, []
-    for name, value in got.items():
+    for name in order:
         module = modules.get(name)
-        if isinstance(module, changed_by_folding) or name not in truth or np.shape(truth[name]) != np.shape(value):
-            if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
-                between.append(name)
+        if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+            between.append(name)
+        value = got.get(name)
+        if value is None or name not in truth or np.shape(truth[name]) != np.shape(value):
             continue
-        check = _check([value], [truth[name]], rtol, None, atol_factor)[0]
+        noise = [own[name]] if name in own and np.shape(own[name]) == np.shape(value) else None
+        check = _check([value], [truth[name]], rtol, None, atol_factor, noise)[0]
         if check.passed:
             last_good, between = name, []
             continue
         where = f"after '{last_good}'" if last_good else "from the input"
         layers = f"; layers run in between: {', '.join(between)}" if between else ""
+        conditioning = _conditioning(
+            reference, candidate, name, inputs, truth[name], check.stats.scaled_max, (rtol, atol_factor)
+        )
         return (
             f"module '{name}' ({type(module).__name__}) {where}: max abs {check.stats.max_abs:.3g}, "
-            f"{check.stats.scaled_max:.3g} of its scale{layers}"
+            f"{check.stats.scaled_max:.3g} of its scale{layers}{conditioning}"
         )
     return None
 
 
+ILL_CONDITIONED = 0.5  # the exact layer on the candidate's input is off by at least this share of the divergence
+
+
+def _conditioning(
+    reference: nn.Module,
+    candidate: nn.Module,
+    name: str,
+    inputs: list[np.ndarray],
+    truth: np.ndarray,
+    diverged: float,
+    tolerances: tuple[float, float],
+) -> str:
+    """Whether module ``name`` turns an input within rounding into the divergence (module doc).
+
+    The module's inputs are taken on its first call in three runs: the reference in float64
+    (truth), the reference in its own dtype (its rounding noise) and the candidate. When the
+    candidate's inputs pass the check against the truth (allowing the reference's noise) and the
+    reference's module, run alone in float64 on the candidate's inputs, is at least
+    ILL_CONDITIONED of the divergence away from the truth, the layer itself turns rounding-sized
+    input differences into the divergence (a near tie in a softmax or a max, cancellation, a
+    steep activation in a channel of tiny values). A wrong fold shows in the inputs, or is
+    computed as such by the exact layer only if the layer is that sensitive.
+
+    Returns:
+        A clause to append to the divergence message, or ``""``.
+    """
+    import torch
+
+    def first_call(model: nn.Module, float64: bool) -> Any:
+        model = copy.deepcopy(model).eval().cpu()
+        model = model.double() if float64 else model
+        captured: list[Any] = []
+
+        def keep(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not captured:  # copies: an in-place module overwrites its input
+                captured.append(copy.deepcopy((args, kwargs)))
+
+        _forward(model, inputs, [model.get_submodule(name).register_forward_pre_hook(keep, with_kwargs=True)])
+        return captured[0] if captured else None
+
+    def leaves(value: Any) -> list[torch.Tensor]:
+        if isinstance(value, torch.Tensor):
+            return [value] if value.is_floating_point() else []
+        if isinstance(value, tuple | list):
+            return [t for v in value for t in leaves(v)]
+        if isinstance(value, dict):
+            return [t for v in value.values() for t in leaves(v)]
+        return []
+
+    def to64(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.double()
+        if isinstance(value, tuple | list):
+            return type(value)(to64(v) for v in value)
+        if isinstance(value, dict):
+            return {k: to64(v) for k, v in value.items()}
+        return value
+
+    try:
+        calls = [first_call(reference, True), first_call(reference, False), first_call(candidate, False)]
+        if any(c is None for c in calls):
+            return ""
+        given = calls[2]
+        with torch.no_grad():
+            exact = copy.deepcopy(reference.get_submodule(name)).cpu().double()(*to64(given[0]), **to64(given[1]))
+    except Exception:  # noqa: BLE001 - a module that does not run alone, or a run that fails: no diagnosis
+        return ""
+    truth_in, own_in, given_in = (leaves(c) for c in calls)
+    if not isinstance(exact, torch.Tensor) or tuple(exact.shape) != np.shape(truth):
+        return ""
+    return _amplified(
+        f"'{name}'",
+        [t.numpy() for t in truth_in],
+        [t.float().numpy() for t in own_in],
+        [t.float().numpy() for t in given_in],
+        exact.numpy(),
+        truth,
+        diverged,
+        tolerances,
+    )
+
+
+def _amplified(
+    label: str,
+    truth_in: list[np.ndarray],
+    own_in: list[np.ndarray],
+    given_in: list[np.ndarray],
+    exact: np.ndarray,
+    truth: np.ndarray,
+    diverged: float,
+    tolerances: tuple[float, float],
+) -> str:
+    """The ill-conditioning clause, or ``""``: inputs within rounding, the exact layer on them as far off."""
+    shapes = [np.shape(v) for v in truth_in]
+    if not truth_in or shapes != [np.shape(v) for v in own_in] or shapes != [np.shape(v) for v in given_in]:
+        return ""
+    rtol, atol_factor = tolerances
+    if not all(c.passed for c in _check(given_in, truth_in, rtol, None, atol_factor, own_in)):
+        return ""
+    error = error_stats(exact, np.asarray(truth, dtype=np.float64)).scaled_max
+    if not error >= ILL_CONDITIONED * diverged:
+        return ""
+    return (
+        f"; ill-conditioned there: the candidate's input to it is within the original's own rounding, and the "
+        f"original {label} evaluated exactly on that input is {error:.3g} of its scale off too, so this divergence "
+        "is rounding that layer amplifies, not the fold; check with real inputs (--inputs)"
+    )
+
+
+def _onnx_conditioning(
+    reference: onnx.ModelProto,
+    candidate: onnx.ModelProto,
+    name: str,
+    inputs: list[np.ndarray],
+    runtime: str,
+    diverged: float,
+    tolerances: tuple[float, float],
+) -> str:
+    """:func:`_conditioning` for the ONNX node writing ``name``: the reference's node run alone in float64.
+
+    Its computed inputs are compared by name (the ONNX pass keeps value names); its constant
+    inputs come from the reference.
+    """
+    from bnfold.deploy.onnx_reference import reference_float64
+
+    node = next((n for n in reference.graph.node if name in n.output), None)
+    if node is None or any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+        return ""
+    constants = {t.name: t for t in reference.graph.initializer}
+    graph_inputs = [i.name for i in reference.graph.input if i.name not in constants]
+    fed = dict(zip(graph_inputs, inputs, strict=True))
+    names = [i for i in dict.fromkeys(node.input) if i and i not in constants]
+    computed = [i for i in names if i not in fed]
+    try:
+        truth_v = _onnx_intermediates(reference, [*computed, name], inputs, True, runtime)
+        own_v = _onnx_intermediates(reference, computed, inputs, False, runtime) if computed else {}
+        given_v = _onnx_intermediates(candidate, computed, inputs, False, runtime, keep_dtype=True) if computed else {}
+        if any(i not in given_v or i not in truth_v or i not in own_v for i in computed):
+            return ""
+        feeds = {i: np.asarray(fed[i]) if i in fed else given_v[i] for i in names}
+        alone = helper.make_model(
+            helper.make_graph(
+                [node],
+                "alone",
+                [
+                    helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(v.dtype), None)
+                    for i, v in feeds.items()
+                ],
+                [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)],
+                [constants[i] for i in dict.fromkeys(node.input) if i in constants],
+            ),
+            opset_imports=reference.opset_import,
+            ir_version=reference.ir_version,
+        )
+        exact = reference_float64(alone, feeds)[0]
+    except Exception:  # noqa: BLE001 - a node that does not run alone (an unknown op): no diagnosis
+        return ""
+    if np.shape(exact) != np.shape(truth_v[name]):
+        return ""
+    floats = [i for i in computed if np.issubdtype(given_v[i].dtype, np.floating)]
+    return _amplified(
+        f"node '{node.name or node.op_type}'",
+        [truth_v[i] for i in floats],
+        [own_v[i] for i in floats],
+        [given_v[i] for i in floats],
+        exact,
+        truth_v[name],
+        diverged,
+        tolerances,
+    )
+
+
 def _onnx_intermediates(
-    model: onnx.ModelProto, names: list[str], inputs: list[np.ndarray], float64: bool, runtime: str
+    model: onnx.ModelProto,
+    names: list[str],
+    inputs: list[np.ndarray],
+    float64: bool,
+    runtime: str,
+    keep_dtype: bool = False,
 ) -> dict[str, np.ndarray]:
+    """Values ``names`` of ``model`` on ``inputs``, exposed as extra outputs.
+
+    In float64 by the reference evaluator, else on ``runtime``; cast to float64 unless ``keep_dtype``.
+    """
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     outputs = {o.name for o in exposed.graph.output}
@@ -474,7 +712,11 @@ def _onnx_intermediates(
         values = reference_float64(exposed, dict(zip(graph_inputs, inputs, strict=True)))
     else:
         values = _run(exposed, inputs, runtime)
-    return {n: np.asarray(v, dtype=np.float64) for n, v in zip(all_names, values, strict=True) if n in names}
+    return {
+        n: np.asarray(v) if keep_dtype else np.asarray(v, dtype=np.float64)
+        for n, v in zip(all_names, values, strict=True)
+        if n in names
+    }
 
 
 def _first_divergence(
@@ -496,13 +738,21 @@ def _first_divergence(
         o: f"node '{n.name or n.op_type}' ({n.op_type}, output '{o}')" for n in candidate.graph.node for o in n.output
     }
     truth = _onnx_intermediates(reference, order, inputs, True, runtime)
-    got = _onnx_intermediates(candidate, order, inputs, False, runtime)
+    own = _onnx_intermediates(reference, order, inputs, False, runtime, keep_dtype=True)
+    got = _onnx_intermediates(candidate, order, inputs, False, runtime, keep_dtype=True)
     for name in order:
         if name not in truth or name not in got or np.shape(truth[name]) != np.shape(got[name]):
             continue
-        check = _check([got[name]], [truth[name]], rtol, None, atol_factor)[0]
+        noise = [own[name]] if name in own and np.shape(own[name]) == np.shape(got[name]) else None
+        check = _check([got[name]], [truth[name]], rtol, None, atol_factor, noise)[0]
         if not check.passed:
-            return f"{describe[name]}: max abs {check.stats.max_abs:.3g}, {check.stats.scaled_max:.3g} of its scale"
+            conditioning = _onnx_conditioning(
+                reference, candidate, name, inputs, runtime, check.stats.scaled_max, (rtol, atol_factor)
+            )
+            return (
+                f"{describe[name]}: max abs {check.stats.max_abs:.3g}, {check.stats.scaled_max:.3g} of its scale"
+                f"{conditioning}"
+            )
     return None
 
 
