@@ -283,7 +283,8 @@ def test_an_ill_conditioned_layer_is_named_as_such(last, relative, ill):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 16), last).eval()
     candidate = _nudged(model, "1.weight", relative)
     truth = _torch_intermediates(model, x, float64=True)["2"]
-    said = _conditioning(model, candidate, "2", x, truth, 1e-3, (1e-4, 1e-5))
+    own = _torch_intermediates(model, x, float64=False)["2"]
+    said = _conditioning(model, candidate, "2", x, truth, own, 1e-3, (1e-4, 1e-5))
     assert ("ill-conditioned there" in said) is ill, said
 
 
@@ -299,7 +300,7 @@ def test_a_wrong_fold_is_not_called_ill_conditioned():
     ("op", "relative", "ill"), [("Sin", 2**-22, True), ("Sin", 1e-2, False), ("Relu", 2**-22, False)]
 )
 def test_an_ill_conditioned_onnx_node_is_named_as_such(op, relative, ill):
-    from bnfold.deploy.verify import _onnx_conditioning
+    from bnfold.deploy.verify import _onnx_conditioning, _onnx_intermediates
 
     rng = np.random.default_rng(0)
     x = [rng.standard_normal((4, 8)).astype(np.float32)]
@@ -324,7 +325,8 @@ def test_an_ill_conditioned_onnx_node_is_named_as_such(op, relative, ill):
 
     signs = rng.integers(0, 2, w2.shape) * 2 - 1
     candidate = graph((w2 * (1 + relative * signs)).astype(np.float32))
-    said = _onnx_conditioning(graph(w2), candidate, "y", x, "ort-cpu", 1e-3, (1e-4, 1e-5))
+    own = _onnx_intermediates(graph(w2), ["y"], x, False, "ort-cpu")["y"]
+    said = _onnx_conditioning(graph(w2), candidate, "y", x, "ort-cpu", own, 1e-3, (1e-4, 1e-5))
     assert ("ill-conditioned there: the candidate's input to it is within" in said) is ill, said
 
 
@@ -370,3 +372,17 @@ def test_a_container_ending_in_a_folded_layer_is_not_called_divergent():
         folded.pooled.gain[0, 0] = 2.5  # wrong in a block ending in its own Identity: that block is named
     divergence = verify(model, folded, input_shapes=[(2, 3, 12, 12)], power=False).runtimes[0].first_divergence
     assert divergence.startswith("module 'pooled' (_Pooled) after 'act1'"), divergence
+
+
+def test_an_exact_layer_within_the_originals_rounding_is_not_called_ill_conditioned():
+    """The exact layer's error must fail the same element-wise check, not merely be as large as the divergence."""
+    from bnfold.deploy.verify import _amplified
+
+    rng = np.random.default_rng(0)
+    truth = rng.standard_normal((2, 4, 5, 5))
+    rounding = truth * (1 + rng.uniform(-1, 1, truth.shape) * 2**-23)  # what the original's float32 shows
+    inputs = [truth[:, :2]], [truth[:, :2].astype(np.float32)], [truth[:, :2].astype(np.float32)]
+    assert _amplified("x", *inputs, rounding, truth, rounding, 1e-9, (1e-4, 1e-5)) == ""
+    wrong = truth.copy()
+    wrong[:, 1] *= 1.01  # one channel 1% off: fails the check, and is as large as the divergence
+    assert "ill-conditioned there" in _amplified("x", *inputs, wrong, truth, rounding, 1e-3, (1e-4, 1e-5))
