@@ -543,6 +543,7 @@ def _conditioning(
         A clause to append to the divergence message, or ``""``.
     """
     import torch
+    from torch.utils._pytree import tree_flatten, tree_map_only
 
     def first_call(model: nn.Module, float64: bool) -> Any:
         model = copy.deepcopy(model).eval().cpu()
@@ -557,22 +558,10 @@ def _conditioning(
         return captured[0] if captured else None
 
     def leaves(value: Any) -> list[torch.Tensor]:
-        if isinstance(value, torch.Tensor):
-            return [value] if value.is_floating_point() else []
-        if isinstance(value, tuple | list):
-            return [t for v in value for t in leaves(v)]
-        if isinstance(value, dict):
-            return [t for v in value.values() for t in leaves(v)]
-        return []
+        return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
     def to64(value: Any) -> Any:
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            return value.double()
-        if isinstance(value, tuple | list):
-            return type(value)(to64(v) for v in value)
-        if isinstance(value, dict):
-            return {k: to64(v) for k, v in value.items()}
-        return value
+        return tree_map_only(torch.Tensor, lambda t: t.double() if t.is_floating_point() else t, value)
 
     try:
         calls = [first_call(reference, True), first_call(reference, False), first_call(candidate, False)]
