@@ -9,7 +9,8 @@ the candidate's runtime too (a module on ``torch-cuda``, an ONNX model on ``ort-
 error there counts as well: a GPU's TF32 convolutions round both models alike. On a mismatch the first
 diverging layer is named, from intermediate tensors (forward hooks in torch, extra
 graph outputs in ONNX), each judged like an output, and that layer's conditioning is checked:
-a layer that turns the original's own rounding into an error as large is named ill-conditioned.
+a layer that turns the original's own rounding into an error as large is named ill-conditioned, one
+whose own rounding on the runtime (not its exact value) does so is named as such.
 
 The rule judges every element on its own scale. With the default tolerances an element
 passes when
@@ -569,19 +570,21 @@ def _conditioning(
             return ""
         given = calls[2]
         with torch.no_grad():
-            alone = copy.deepcopy(reference.get_submodule(name)).eval().cpu().double()
-            exact = alone(*to64(given[0]), **to64(given[1]))
+            alone = copy.deepcopy(reference.get_submodule(name)).eval().cpu()
+            kernel = alone(*copy.deepcopy(given[0]), **copy.deepcopy(given[1]))
+            exact = alone.double()(*to64(given[0]), **to64(given[1]))
     except Exception:  # noqa: BLE001 - a module that does not run alone, or a run that fails: no diagnosis
         return ""
     truth_in, own_in, given_in = (leaves(c) for c in calls)
     if not isinstance(exact, torch.Tensor) or tuple(exact.shape) != np.shape(truth):
         return ""
+    same = isinstance(kernel, torch.Tensor) and kernel.shape == exact.shape
     return _amplified(
         f"'{name}'",
         [t.numpy() for t in truth_in],
         [t.float().numpy() for t in own_in],
         [t.float().numpy() for t in given_in],
-        exact.numpy(),
+        (exact.numpy(), kernel.float().numpy() if same else None, f"in {kernel.dtype} on CPU".replace("torch.", "")),
         truth,
         own_out,
         diverged,
@@ -594,17 +597,21 @@ def _amplified(
     truth_in: list[np.ndarray],
     own_in: list[np.ndarray],
     given_in: list[np.ndarray],
-    exact: np.ndarray,
+    alone: tuple[np.ndarray, np.ndarray | None, str],
     truth: np.ndarray,
     own_out: np.ndarray | None,
     diverged: float,
     tolerances: tuple[float, float],
 ) -> str:
-    """The ill-conditioning clause, or ``""``: inputs within rounding, the exact layer on them as far off.
+    """The conditioning clause, or ``""``: inputs within rounding, and the original layer alone on them as far off.
 
-    "As far off" holds element by element too: the exact output fails the same check as the candidate
-    (allowing the original's own rounding ``own_out``), so a divergence confined to a few small channels (a
-    wrong epsilon) is not excused by a large but harmless rounding spread elsewhere.
+    ``alone`` is the original layer run alone on the candidate's inputs: exactly (float64), in the candidate's
+    dtype on its runtime, and that runtime's name. Exactly "as far off" means the layer is ill-conditioned there;
+    failing only on the runtime means that runtime's kernel is inaccurate there (a fast Sigmoid's absolute error on
+    a channel of tiny values). Either way the original's own layer reproduces the divergence from inputs the check
+    passes, so no fold caused it. "As far off" holds element by element too: the output fails the same check as
+    the candidate (allowing the original's own rounding ``own_out``), so a divergence confined to a few small
+    channels (a wrong epsilon) is not excused by a large but harmless rounding spread elsewhere.
     """
     shapes = [np.shape(v) for v in truth_in]
     if not truth_in or shapes != [np.shape(v) for v in own_in] or shapes != [np.shape(v) for v in given_in]:
@@ -612,14 +619,33 @@ def _amplified(
     rtol, atol_factor = tolerances
     if not all(c.passed for c in _check(given_in, truth_in, rtol, None, atol_factor, own_in)):
         return ""
-    error = error_stats(exact, np.asarray(truth, dtype=np.float64)).scaled_max
+    truth = np.asarray(truth, dtype=np.float64)
     noise = [own_out] if own_out is not None and np.shape(own_out) == np.shape(truth) else None
-    if not error >= ILL_CONDITIONED * diverged or _check([exact], [truth], rtol, None, atol_factor, noise)[0].passed:
+    exact, kernel, runtime = alone
+
+    def reproduces(value: np.ndarray) -> tuple[float, OutputCheck]:
+        check = _check([value], [truth], rtol, None, atol_factor, noise)[0]
+        error = error_stats(np.asarray(value, dtype=np.float64), truth).scaled_max
+        return (error if error >= ILL_CONDITIONED * diverged and not check.passed else 0.0), check
+
+    error = reproduces(exact)[0]
+    if error:
+        return (
+            f"; ill-conditioned there: the candidate's input to it is within the original's own rounding, and the "
+            f"original {label} evaluated exactly on that input is {error:.3g} of its scale off too, so this "
+            "divergence is rounding that layer amplifies, not the fold; check with real inputs (--inputs)"
+        )
+    if kernel is None or np.shape(kernel) != np.shape(truth):
         return ""
+    error, check = reproduces(kernel)
+    if not error or not check.worst:
+        return ""
+    _, true_value, value, _ = check.worst[0]
     return (
-        f"; ill-conditioned there: the candidate's input to it is within the original's own rounding, and the "
-        f"original {label} evaluated exactly on that input is {error:.3g} of its scale off too, so this divergence "
-        "is rounding that layer amplifies, not the fold; check with real inputs (--inputs)"
+        f"; its own rounding there: the candidate's input to it is within the original's own rounding, and the "
+        f"original {label} run alone {runtime} on that input is {error:.3g} of its scale off too (e.g. {value:.6g} "
+        f"where the truth is {true_value:.6g}), though computed exactly it passes; so this divergence is that "
+        f"layer's rounding {runtime} on a rounding-sized input change, not the fold; check with real inputs (--inputs)"
     )
 
 
@@ -672,6 +698,12 @@ def _onnx_conditioning(
         exact = reference_float64(alone, feeds)[0]
     except Exception:  # noqa: BLE001 - a node that does not run alone (an unknown op): no diagnosis
         return ""
+    try:
+        out_type = helper.np_dtype_to_tensor_dtype(own_out.dtype) if own_out is not None else onnx.TensorProto.FLOAT
+        alone.graph.output[0].type.tensor_type.elem_type = out_type
+        kernel = np.asarray(run_onnx(alone, list(feeds.values()), runtime)[0])
+    except Exception:  # noqa: BLE001 - the runtime does not run it alone: the exact verdict only
+        kernel = None
     if np.shape(exact) != np.shape(truth_v[name]):
         return ""
     floats = [i for i in computed if np.issubdtype(given_v[i].dtype, np.floating)]
@@ -680,7 +712,7 @@ def _onnx_conditioning(
         [truth_v[i] for i in floats],
         [own_v[i] for i in floats],
         [given_v[i] for i in floats],
-        exact,
+        (exact, kernel, f"on {runtime}"),
         truth_v[name],
         own_out,
         diverged,
