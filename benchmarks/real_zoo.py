@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import io
 import json
 import re
@@ -189,23 +190,32 @@ def _worst(got: list, truth: list, worst: float | None = None) -> float | None:
     return worst
 
 
-def _errors(spec: str, model: nn.Module, x: torch.Tensor, *candidates: object) -> list[float | None]:
+def _errors(
+    spec: str, model: nn.Module, x: torch.Tensor, *candidates: object, truths: dict | None = None
+) -> list[float | None]:
     """Max error of each candidate (a module, or ONNX on ONNX Runtime's CPU) vs ``model`` in float64.
 
     Of the output's scale, the largest over the outputs and over ``DRAWS`` seeded inputs of ``x``'s
-    shape (``x`` first); the float64 truth is computed once per input. None where every output is
-    empty (a detector's boxes: its modules are measured through :func:`probe`, its ONNX file cannot be).
+    shape (``x`` first); the float64 truth is computed once per input and kept (outputs only; pass
+    ``truths``, a dict, to share them between calls on the same model: each costs a float64 copy). A
+    candidate may be a ``functools.partial`` that builds it: built when its turn comes and dropped
+    after, so a large model's copies are not all held at once. None where every output is empty (a
+    detector's boxes: its modules are measured through :func:`probe`, its ONNX file cannot be).
     """
-    worst: list[float | None] = [None] * len(candidates)
-    for xi in _inputs(x):
-        inputs = [xi.numpy()]
-        truths: dict[bool, list] = {}  # by whether the candidate is a module (probed) or an ONNX file (not)
-        for k, c in enumerate(candidates):
-            module = isinstance(c, nn.Module)
-            if module not in truths:
-                truths[module] = run_torch64(probe(spec, model) if module else model, inputs)
+    truths = {} if truths is None else truths  # by input and whether the candidate is a module (probed) or ONNX
+    worst: list[float | None] = []
+    for candidate in candidates:
+        c = candidate() if isinstance(candidate, functools.partial) else candidate
+        module, error = isinstance(c, nn.Module), None
+        for d, xi in enumerate(_inputs(x)):
+            inputs = [xi.numpy()]
+            key = (tuple(x.shape), d, module and probe(spec, model) is not model)
+            if key not in truths:
+                truths[key] = run_torch64(probe(spec, model) if module else model, inputs)
             got = run_torch(probe(spec, c), inputs) if module else run_onnx(c, inputs, "ort-cpu")
-            worst[k] = _worst(got, truths[module], worst[k])
+            error = _worst(got, truths[key], error)
+        worst.append(error)
+        del c
     return worst
 
 
@@ -231,11 +241,21 @@ def _half_ulp_noise(model: nn.Module, seed: int) -> nn.Module:
 
 def _noise_error(spec: str, model: nn.Module, x: torch.Tensor) -> float | None:
     """The largest error of the original under half-ulp weight noise (:func:`_half_ulp_noise`, a few draws)."""
-    errors = _errors(spec, model, x, *(_half_ulp_noise(model, 100 + k) for k in range(NOISE_DRAWS)))
+    errors = _errors(spec, model, x, *(functools.partial(_half_ulp_noise, model, 100 + k) for k in range(NOISE_DRAWS)))
     return max((e for e in errors if e is not None), default=None)
 
 
-def _fold_error64(spec: str, model: nn.Module, x: torch.Tensor) -> tuple[float | None, float | None]:
+def _errors_truth(spec: str, model: nn.Module, x: torch.Tensor, truths: dict) -> list:
+    """The float64 outputs of ``model`` (probed) on ``x``, from ``truths`` as :func:`_errors` keeps them."""
+    key = (tuple(x.shape), 0, probe(spec, model) is not model)
+    if key not in truths:
+        truths[key] = run_torch64(probe(spec, model), [x.numpy()])
+    return truths[key]
+
+
+def _fold_error64(
+    spec: str, model: nn.Module, x: torch.Tensor, truths: dict | None = None
+) -> tuple[float | None, float | None]:
     """The fold's own error without float32 rounding, and what storing its weights in float32 costs.
 
     A float64 copy is folded and compared with the original in float64: an exact fold leaves only
@@ -248,8 +268,8 @@ def _fold_error64(spec: str, model: nn.Module, x: torch.Tensor) -> tuple[float |
         ``(fold error, weight-rounding error)``, each the largest over the outputs, of each output's scale.
     """
     inputs = [x.numpy()]
-    truth = run_torch64(probe(spec, model), inputs)
-    folded64, _ = bnfold.fold(copy.deepcopy(model).double(), (x.double(),))
+    truth = _errors_truth(spec, model, x, truths if truths is not None else {})
+    folded64, _ = bnfold.fold(copy.deepcopy(model).double(), (x.double(),), inplace=True)  # one float64 copy
     exact = _worst(run_torch(probe(spec, folded64), inputs), truth)  # run_torch: in the model's dtype
     with torch.no_grad():
         for tensor in list(folded64.parameters()) + list(folded64.buffers()):
@@ -320,12 +340,12 @@ def _measure(spec: str, peers: str, row: dict) -> dict:
     row["bn_unused_torch"] = sum(1 for e in report.layers if not e.folded and "not called by forward" in e.reason)
     row["reasons_torch"] = [reason_class(e.reason) for e in report.layers if not e.folded]
     row["reasons_torch_text"] = [f"{e.name}: {e.reason}"[:200] for e in report.layers if not e.folded]
-    noisy = [_half_ulp_noise(model, 100 + k) for k in range(NOISE_DRAWS)]
-    row["err_torch"], row["err_own"], *noise = _errors(spec, model, x, folded, model, *noisy)
+    noisy = [functools.partial(_half_ulp_noise, model, 100 + k) for k in range(NOISE_DRAWS)]
+    truths: dict = {}  # the float64 outputs, shared by every error measured on this model
+    row["err_torch"], row["err_own"], *noise = _errors(spec, model, x, folded, model, *noisy, truths=truths)
     row["err_halfulp"] = max((e for e in noise if e is not None), default=None)
-    del noisy
     try:
-        row["err_torch64"], row["err_weights32"] = _fold_error64(spec, model, x)
+        row["err_torch64"], row["err_weights32"] = _fold_error64(spec, model, x, truths)
     except Exception as error:  # noqa: BLE001 - a model that does not run in float64 (a fixed dtype inside)
         row["err_torch64"] = f"failed: {type(error).__name__}: {str(error)[:100]}"
     # verify's verdict only: its power measurement (planted weight changes) would double the sweep's time
@@ -334,11 +354,13 @@ def _measure(spec: str, peers: str, row: dict) -> dict:
         row["diagnosis_verify_torch"] = said
     if _beyond(row, "torch"):
         row["diagnosis_torch"] = diagnosis(model, folded, x)
+    del folded  # each copy of the model held to the end is one more model size of peak memory
     try:
         start = time.perf_counter()
         fused = torch.fx.experimental.optimization.fuse(copy.deepcopy(model))
         row["fuse_s"] = round(time.perf_counter() - start, 3)
         row["bn_left_fuse"] = fx_bn_count(fused)
+        del fused
     except Exception as error:  # noqa: BLE001 - a peer failing is a result
         row["bn_left_fuse"] = f"failed: {type(error).__name__}"
     try:
@@ -354,7 +376,7 @@ def _measure(spec: str, peers: str, row: dict) -> dict:
         folded_proto, onnx_report = bnfold.fold_onnx(kept)
         row["bn_left_onnx"] = onnx_bn(folded_proto)
         row["reasons_onnx"] = [reason_class(e.reason) for e in onnx_report.layers if not e.folded]
-        row["err_onnx"], row["err_onnx_own"] = _errors(spec, model, x, folded_proto, kept)
+        row["err_onnx"], row["err_onnx_own"] = _errors(spec, model, x, folded_proto, kept, truths=truths)
         row["verify_onnx"] = bnfold.verify(model, folded_proto, input_shapes=[tuple(x.shape)], power=False).passed
         if not row["verify_onnx"]:  # the torch original cannot be compared layer by layer with ONNX: the export can
             row["diagnosis_verify_onnx"] = _verdict(kept, folded_proto, x)[1]
