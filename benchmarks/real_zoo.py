@@ -253,6 +253,45 @@ def _errors_truth(spec: str, model: nn.Module, x: torch.Tensor, truths: dict) ->
     return truths[key]
 
 
+def _aten(spec: str, model: nn.Module, x: torch.Tensor, row: dict) -> None:
+    """The torch.export path: ``bnfold.fold`` on the program's module (aten ops); BN left, error, seconds.
+
+    Fills ``bn_left_aten``, ``err_aten`` (of the output's scale vs float64, on ``x``) and ``aten_s``, or
+    ``aten_crash`` where torch.export or the fold fails; the PyTorch path's BN count is the yardstick.
+    """
+    try:
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(probe(spec, model), (x,)).module()
+    except Exception as error:  # noqa: BLE001 - a model torch.export cannot capture is a result, not ours
+        row["aten_crash"] = f"torch.export: {type(error).__name__}: {str(error)[:120]}"
+        return
+    try:
+        start = time.perf_counter()
+        folded, report = bnfold.fold(program)
+        row["aten_s"] = round(time.perf_counter() - start, 3)
+    except Exception as error:  # noqa: BLE001
+        row["aten_crash"] = f"bnfold.fold: {type(error).__name__}: {str(error)[:120]}"
+        return
+    row["bn_left_aten"] = report.bn_kept
+    row["reasons_aten"] = [reason_class(e.reason) for e in report.layers if not e.folded]
+    truth = _errors_truth(spec, model, x, {})
+    row["err_aten"] = _worst(run_torch(folded, [x.numpy()]), truth)
+
+
+def _add_aten(path: Path) -> None:
+    """Fill the torch.export columns (:func:`_aten`) of the rows of ``path`` that lack them, in place."""
+    rows = json.loads(path.read_text())
+    for row in rows:
+        if "bn_left_aten" in row or "aten_crash" in row or not row.get("bn_total") or "crash" in row:
+            continue
+        model, x = _rebuild(row)
+        _aten(row["model"], model, x, row)
+        left = row.get("bn_left_aten", row.get("aten_crash"))
+        print(f"{row['model']}: torch.export path leaves {left} (module path {row.get('bn_left_torch')})", flush=True)
+        _write_rows(path, rows)
+
+
 def _fold_error64(
     spec: str, model: nn.Module, x: torch.Tensor, truths: dict | None = None
 ) -> tuple[float | None, float | None]:
@@ -355,6 +394,7 @@ def _measure(spec: str, peers: str, row: dict) -> dict:
     if _beyond(row, "torch"):
         row["diagnosis_torch"] = diagnosis(model, folded, x)
     del folded  # each copy of the model held to the end is one more model size of peak memory
+    _aten(spec, model, x, row)
     try:
         start = time.perf_counter()
         fused = torch.fx.experimental.optimization.fuse(copy.deepcopy(model))
@@ -514,6 +554,7 @@ def summarize(rows: list[dict]) -> None:
         ("bn_total", "BN total"),
         ("bn_left_torch", "left by bnfold.fold"),
         ("bn_unused_torch", "  of which never run"),
+        ("bn_left_aten", "left by bnfold.fold, aten"),
         ("bn_left_onnx", "left by bnfold ONNX pass"),
         ("bn_left_ort_basic", "left by ORT basic"),
         ("bn_left_fuse", "left by fx fuse"),
@@ -527,6 +568,21 @@ def summarize(rows: list[dict]) -> None:
     print(f"  ONNX export or pass failed: {len(onnx_failed)} {onnx_failed or ''}")
     behind = [line for r in ran for line in behind_a_peer(r)]
     print(f"  a bnfold path leaves more BN than a peer: {behind or 'none'}")
+    aten = [r for r in ran if isinstance(r.get("bn_left_aten"), int)]
+    if aten or any("aten_crash" in r for r in ran):
+        worse = [
+            f"{r['model']} ({r['bn_left_aten']} vs {r['bn_left_torch'] - r.get('bn_unused_torch', 0)})"
+            for r in aten
+            if isinstance(r.get("bn_left_torch"), int)
+            and r["bn_left_aten"] > r["bn_left_torch"] - r.get("bn_unused_torch", 0)
+        ]
+        crashed = [f"{r['model']} ({r['aten_crash'][:80]})" for r in ran if "aten_crash" in r]
+        errors = [r["err_aten"] for r in aten if isinstance(r.get("err_aten"), float)]
+        largest = f", largest error {max(errors):.1e} of scale" if errors else ""
+        print(
+            f"  torch.export path ({len(aten)} models{largest}): leaves more BN than the module path on "
+            f"{worse or 'none'}; failed on {crashed or 'none'}"
+        )
 
     failed = [
         r["model"]
@@ -659,6 +715,12 @@ def main() -> None:
         "half-ulp weight noise) in place; run nothing else.",
     )
     parser.add_argument(
+        "--aten",
+        nargs="+",
+        help="For rows of these JSON files without them: add the torch.export path's columns (bn_left_aten, "
+        "err_aten, aten_s) in place; run nothing else.",
+    )
+    parser.add_argument(
         "--diagnose",
         nargs="+",
         help="For rows of these JSON files over 1.5x both their own and their half-ulp noise error: add what "
@@ -675,7 +737,9 @@ def main() -> None:
     parser.add_argument("--peers", choices=["basic", "all"], default="basic")
     parser.add_argument("--json", default=str(Path(__file__).with_name("real_zoo.json")))
     args = parser.parse_args()
-    if args.add_noise or args.diagnose:
+    if args.add_noise or args.diagnose or args.aten:
+        for path in args.aten or []:
+            _add_aten(Path(path))
         for path in args.add_noise or []:
             _add_noise(Path(path))
         for path in args.diagnose or []:

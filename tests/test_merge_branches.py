@@ -255,3 +255,38 @@ def test_a_sum_started_from_zero_merges(start, merged):
     model.graph.initializer.append(numpy_helper.from_array(start.astype(np.float32), "start"))
     onnx.checker.check_model(model, full_check=True)
     _check(model, merged=merged, bn_left=1 - merged)
+
+
+class _MobileOneBlock(nn.Module):
+    """timm's MobileOne block in its training form: the branch sum starts from the number 0 (no scale branch) and
+    adds 0 for a missing identity, in place (``out += ...``), which torch.export keeps as ``aten.add_``."""
+
+    def __init__(self, c: int = 4, identity: bool = True, start: float = 0):
+        super().__init__()
+        self.kxk = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)) for _ in range(2))
+        self.identity = nn.BatchNorm2d(c) if identity else None
+        self.start = start
+
+    def forward(self, x):
+        identity_out = self.identity(x) if self.identity is not None else 0
+        out = self.kxk[0](x) + self.start
+        out += self.kxk[1](x)
+        out += identity_out
+        return torch.relu(out)
+
+
+@pytest.mark.parametrize(("start", "bn_kept"), [(0, 0), (0.0, 0), (0.5, 2)], ids=["zero", "zero-float", "not-zero"])
+def test_torch_export_sums_started_from_zero_merge(start, bn_kept):
+    """``x + 0`` passes x on in the aten graph as in the module and ONNX paths; ``x + 0.5`` does not (no merge)."""
+    import bnfold
+
+    blocks = [_MobileOneBlock(start=start), _MobileOneBlock(identity=False, start=start), _MobileOneBlock(start=start)]
+    model = randomize_batchnorm(nn.Sequential(*blocks), 3).eval()
+    x = torch.randn(2, 4, 6, 6)
+    folded, report = bnfold.fold(torch.export.export(model, (x,)).module())
+    assert report.bn_kept == bn_kept and len(report.merges) == (3 if bn_kept == 0 else 0), str(report)
+    module_report = bnfold.fold(model, x)[1]
+    assert module_report.bn_kept == bn_kept, str(module_report)
+    with torch.no_grad():
+        truth = model.double()(x.double())
+        assert float((folded(x).double() - truth).abs().max()) <= 2e-6 * float(truth.abs().max())

@@ -72,11 +72,21 @@ def _shape(node: object) -> tuple | None:
     return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
 
+_ADDS = (aten.add.Tensor, aten.add_.Tensor, aten.add.Scalar, aten.add_.Scalar)
+
+
 def _passes_input_on(node: fx.Node) -> bool:
-    """``aten.dropout(x, p, train=False)``, ``alias`` or ``clone``: the value of ``x`` itself."""
+    """``aten.dropout(x, p, train=False)``, ``alias``, ``clone`` or ``x + 0``: the value of ``x`` itself.
+
+    ``x + 0`` (also in place): MobileOne starts its branch sum from the number 0 and adds 0 for a missing branch.
+    """
     if node.target is aten.dropout.default:
         train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
         return train is False and isinstance(node.args[0], fx.Node)
+    if node.target in _ADDS and len(node.args) == 2 and not node.kwargs:
+        other = node.args[1]
+        number = isinstance(other, int | float) and not isinstance(other, bool)
+        return isinstance(node.args[0], fx.Node) and number and other == 0
     return node.target in (aten.alias.default, aten.clone.default) and isinstance(node.args[0], fx.Node)
 
 
