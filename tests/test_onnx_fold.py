@@ -659,6 +659,29 @@ def test_shape_reader_does_not_block_a_fold_and_follows_the_rename():
 
 
 @pytest.mark.parametrize(
+    ("cast", "folded_count"),
+    [("CastLike (one, y)", 2), ("CastLike (y, one)", 1)],
+    ids=["dtype-only", "twin-reads-the-data"],
+)
+def test_castlike_reading_only_the_dtype_does_not_block_a_fold(cast, folded_count):
+    """The dynamo exporter without its optimizer casts scalars ``CastLike(c, y)`` like a BN output y: that reads
+    y's dtype, not its values (timm coatnet: 5 of 16 BN were kept for it). Reading y's data blocks that fold."""
+    text = f"""<ir_version: 8, opset_import: ["" : OPSET]>
+    g (float[2,3,5,5] x) => (float[2,4,5,5] z, float[2,4,5,5] w) {{
+      a = Conv <pads=[1,1,1,1]> (x, Wa)
+      y = BatchNormalization (a, s, b, m, v)
+      c = {cast}
+      h = Conv (y, Wb)
+      z = BatchNormalization (h, ps, pb, pm, vp)
+      w = Mul (a, c)
+    }}"""
+    inits = _consts(Wa=(4, 3, 3, 3), Wb=(4, 4, 1, 1)) + _bn_params(4) + _bn_params(4, "p", seed=2)
+    inits.append(numpy_helper.from_array(np.ones(1, np.float32), "one"))
+    folded, report = _check(_model(text, inits, opset=17), {"x": _x(2, 3, 5, 5)}, folded_count=folded_count)
+    assert _ops(folded).count("BatchNormalization") == 2 - folded_count
+
+
+@pytest.mark.parametrize(
     ("second", "klass"),
     [("Relu (x)", "the neighbour is not a linear layer"), ("MatMul (x, Wm)", "a parameter is not a constant")],
     ids=["a-residual-sum", "twin-matmul-plus-a-computed-bias"],

@@ -42,7 +42,19 @@ _LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _DECOMPOSED = ("Mul", "Add", "Sub", "Div")
 # ops a BN may be reached through before or after a layer (sum, concat, flatten, decomposed BN)
 _PASS_THROUGH = ("Add", "Sum", "Concat", "Flatten", "Reshape", "Identity", "Mul", "Sub", "Div")
-_METADATA_READERS = ("Shape", "Size")
+# ops that read only the shape or dtype of an input (CastLike of its second), which no fold changes
+_METADATA_READERS = ("Shape", "Size", "EyeLike", "RandomNormalLike", "RandomUniformLike")
+_DTYPE_OF_SECOND = ("CastLike",)
+
+
+def _data_reads(node: onnx.NodeProto, value: str) -> int:
+    """How many of ``node``'s inputs read the values (not only the shape or dtype) of ``value``."""
+    if node.op_type in _METADATA_READERS:
+        return 0
+    positions = [i for i, name in enumerate(node.input) if name == value]
+    return sum(1 for i in positions if not (node.op_type in _DTYPE_OF_SECOND and i == 1))
+
+
 _ALWAYS_EXACT = 2**16  # float64 values of small tensors are kept anyway
 
 
@@ -220,7 +232,7 @@ class OnnxView:
             producer = self.index.producer.get(other)
             if bias is None or producer is None or producer.op_type != "MatMul":
                 continue
-            if self.index.readers(other) != [add]:
+            if self.readers(other) != [add]:
                 raise FoldRefused(f"the output of {_label(producer)} is also read by another node")
             layer = self._match_layer(producer, allow_add=False)
             if bias.ndim > 1 and any(d != 1 for d in bias.shape[:-1]):
@@ -426,9 +438,18 @@ class OnnxView:
     def readers(self, value: str) -> list[onnx.NodeProto | None]:
         """Readers of the value's data once per read; a graph output is None.
 
-        Shape and Size read only metadata, which no fold changes, so they are not counted.
+        Shape and Size (and CastLike's dtype input) read only metadata, which no fold changes, so they
+        are not counted.
         """
-        return [r for r in self.index.readers(value) if r is None or r.op_type not in _METADATA_READERS]
+        found: list[onnx.NodeProto | None] = []
+        seen: set[int] = set()
+        for reader in self.index.readers(value):  # a node once per read
+            if reader is None:
+                found.append(None)
+            elif id(reader) not in seen:
+                seen.add(id(reader))
+                found += [reader] * _data_reads(reader, value)
+        return found
 
     def rank(self, value: str) -> int | None:
         """From shape inference."""
@@ -540,14 +561,14 @@ class OnnxView:
     def remove_bn(self, site: BNSite, node: onnx.NodeProto) -> None:
         """Drop BN: its producer writes BN's output name, or its readers read BN's input.
 
-        Renaming keeps a graph output's name; Shape/Size readers of the input follow the rename
-        (BN keeps the shape).
+        Renaming keeps a graph output's name; Shape/Size/CastLike readers of the input's metadata follow the
+        rename (BN keeps the shape and dtype).
         """
         x, y = node.input[0], node.output[0]
         producer = self.index.producer.get(x)
         self.remove(node)
         left = self.index.readers(x)
-        if producer is not None and all(r is not None and r.op_type in _METADATA_READERS for r in left):
+        if producer is not None and all(r is not None and not _data_reads(r, x) for r in left):
             self.index.set_output(producer, list(producer.output).index(x), y)
             for reader in left:
                 self._replace_input(reader, x, y)
@@ -722,7 +743,7 @@ class OnnxView:
                 return False  # MatMul + bias Add is already the folded form
             try:
                 layer = self._onnx_layer(producer, allow_add=False)
-                if self.index.readers(value) != [node]:
+                if self.readers(value) != [node]:
                     raise FoldRefused("the layer's output is read elsewhere too")
                 self.check_matmul_axis(layer)
                 if const.dtype != layer.weight.dtype:
