@@ -35,6 +35,7 @@ import time
 import traceback
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -279,16 +280,48 @@ def _aten(spec: str, model: nn.Module, x: torch.Tensor, row: dict) -> None:
     row["err_aten"] = _worst(run_torch(folded, [x.numpy()]), truth)
 
 
-def _add_aten(path: Path) -> None:
-    """Fill the torch.export columns (:func:`_aten`) of the rows of ``path`` that lack them, in place."""
+def _onnx_dynamo(spec: str, model: nn.Module, x: torch.Tensor, row: dict) -> None:
+    """bnfold's ONNX pass on the dynamo exporter's file without its optimizer (BN kept; other producers' idioms).
+
+    Fills ``bn_left_onnx_dynamo`` and ``err_onnx_dynamo`` (of the output's scale vs float64 on ``x``, ONNX
+    Runtime CPU), or ``onnx_dynamo_crash``. The TorchScript export the sweep folds first is the yardstick.
+    """
+    from bnfold.deploy.export import _dynamo as dynamo_export
+
+    try:
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            exported = dynamo_export(model, (x,), None, dynamic_batch=False, optimize=False)
+    except Exception as error:  # noqa: BLE001 - a model the exporter cannot take is a result, not ours
+        row["onnx_dynamo_crash"] = f"export: {type(error).__name__}: {str(error)[:120]}"
+        return
+    try:
+        folded, report = bnfold.fold_onnx(exported)
+    except Exception as error:  # noqa: BLE001
+        row["onnx_dynamo_crash"] = f"bnfold.fold_onnx: {type(error).__name__}: {str(error)[:120]}"
+        return
+    row["bn_left_onnx_dynamo"] = report.bn_kept
+    row["reasons_onnx_dynamo"] = [reason_class(e.reason) for e in report.layers if not e.folded]
+    row["err_onnx_dynamo"] = _worst(run_onnx(folded, [x.numpy()], "ort-cpu"), run_torch64(model, [x.numpy()]))
+
+
+def _fill(path: Path, key: str, measure: Callable[[str, nn.Module, torch.Tensor, dict], None]) -> None:
+    """Fill the columns ``measure`` writes (``key`` among them) in the rows of ``path`` that lack them, in place."""
     rows = json.loads(path.read_text())
+    crash = key.replace("bn_left_", "") + "_crash"
     for row in rows:
-        if "bn_left_aten" in row or "aten_crash" in row or not row.get("bn_total") or "crash" in row:
+        if key in row or crash in row or not row.get("bn_total") or "crash" in row:
             continue
         model, x = _rebuild(row)
-        _aten(row["model"], model, x, row)
-        left = row.get("bn_left_aten", row.get("aten_crash"))
-        print(f"{row['model']}: torch.export path leaves {left} (module path {row.get('bn_left_torch')})", flush=True)
+        if "input_onnx" in row and key != "bn_left_aten":
+            x = torch.randn(row["input_onnx"], generator=torch.Generator().manual_seed(0))
+        measure(row["model"], model, x, row)
+        left = row.get(key, row.get(crash))
+        print(
+            f"{row['model']}: {key} {left} (PyTorch path {row.get('bn_left_torch')}, ONNX pass "
+            f"{row.get('bn_left_onnx')})",
+            flush=True,
+        )
         _write_rows(path, rows)
 
 
@@ -568,6 +601,27 @@ def summarize(rows: list[dict]) -> None:
     print(f"  ONNX export or pass failed: {len(onnx_failed)} {onnx_failed or ''}")
     behind = [line for r in ran for line in behind_a_peer(r)]
     print(f"  a bnfold path leaves more BN than a peer: {behind or 'none'}")
+    paths = [
+        (r["model"], r["bn_left_torch"] - r.get("bn_unused_torch", 0), r["bn_left_onnx"])
+        for r in ran
+        if isinstance(r.get("bn_left_torch"), int) and isinstance(r.get("bn_left_onnx"), int)
+    ]
+    for label, pick in (("the ONNX pass", lambda t, o: o > t), ("bnfold.fold", lambda t, o: t > o)):
+        over = [f"{m} ({t} / {o})" for m, t, o in paths if pick(t, o)]
+        print(f"  {label} leaves more BN than the other bnfold path (PyTorch / ONNX): {over or 'none'}")
+    dyn = [r for r in ran if isinstance(r.get("bn_left_onnx_dynamo"), int) and isinstance(r.get("bn_left_onnx"), int)]
+    if dyn:
+        more = [
+            f"{r['model']} ({r['bn_left_onnx_dynamo']} vs {r['bn_left_onnx']})"
+            for r in dyn
+            if r["bn_left_onnx_dynamo"] > r["bn_left_onnx"]
+        ]
+        errors = [r["err_onnx_dynamo"] for r in dyn if isinstance(r.get("err_onnx_dynamo"), float)]
+        largest = f", largest error {max(errors):.1e} of scale" if errors else ""
+        print(
+            f"  ONNX pass on the dynamo export ({len(dyn)} models{largest}): leaves more BN than on the "
+            f"TorchScript export on {more or 'none'}"
+        )
     aten = [r for r in ran if isinstance(r.get("bn_left_aten"), int)]
     if aten or any("aten_crash" in r for r in ran):
         worse = [
@@ -721,6 +775,12 @@ def main() -> None:
         "err_aten, aten_s) in place; run nothing else.",
     )
     parser.add_argument(
+        "--onnx-dynamo",
+        nargs="+",
+        help="For rows of these JSON files without them: bnfold's ONNX pass on the dynamo exporter's file "
+        "(optimizer off, BN kept): bn_left_onnx_dynamo, err_onnx_dynamo, in place; run nothing else.",
+    )
+    parser.add_argument(
         "--diagnose",
         nargs="+",
         help="For rows of these JSON files over 1.5x both their own and their half-ulp noise error: add what "
@@ -737,9 +797,11 @@ def main() -> None:
     parser.add_argument("--peers", choices=["basic", "all"], default="basic")
     parser.add_argument("--json", default=str(Path(__file__).with_name("real_zoo.json")))
     args = parser.parse_args()
-    if args.add_noise or args.diagnose or args.aten:
+    if args.add_noise or args.diagnose or args.aten or args.onnx_dynamo:
         for path in args.aten or []:
-            _add_aten(Path(path))
+            _fill(Path(path), "bn_left_aten", _aten)
+        for path in args.onnx_dynamo or []:
+            _fill(Path(path), "bn_left_onnx_dynamo", _onnx_dynamo)
         for path in args.add_noise or []:
             _add_noise(Path(path))
         for path in args.diagnose or []:
