@@ -25,6 +25,19 @@ def test_exported_zoo_models_fold(name):
     assert "batch_norm" in gm.code  # the input program is untouched
 
 
+def test_an_exported_program_itself_folds_and_is_left_unchanged():
+    """``bnfold.fold(torch.export.export(...))``: the program's module is folded, the program keeps its BN."""
+    x = zoo.example_input("cnn-bn")
+    program = torch.export.export(randomized(zoo.build("cnn-bn")), (x,))
+    expected = program.module()(x)
+    folded, report = bnfold.fold(program)
+    assert report.method == "torch.export" and report.bn_kept == 0 and report.bn_total > 0
+    assert "batch_norm" not in folded.code
+    assert torch.allclose(folded(x), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    again = program.module()
+    assert "batch_norm" in again.code and torch.equal(again(x), expected)  # weights and graph untouched
+
+
 def test_exported_negative_cases():
     x = zoo.example_input("mlp-bn-before")
     gm = _exported(zoo.build("mlp-bn-before"), x)

@@ -12,6 +12,7 @@ import copy
 import logging
 from typing import Any
 
+import torch
 from torch import nn
 
 from bnfold.errors import BnfoldError, first_line
@@ -160,7 +161,8 @@ def fold(
     """Fold every foldable BatchNorm of ``model`` into a neighbouring Conv/Linear.
 
     Args:
-        model: Any ``torch.nn.Module``. Its eval-mode function is preserved.
+        model: Any ``torch.nn.Module``, or a ``torch.export.ExportedProgram`` (its ``module()`` is
+            folded; the program itself is not changed). Its eval-mode function is preserved.
         example_inputs: A tensor or tuple of tensors ``model`` accepts. Optional
             for models torch.fx can trace; it also proves channel axes where only
             shapes can (Linear next to BatchNorm1d).
@@ -181,6 +183,8 @@ def fold(
         BnfoldError: The model cannot be traced and no example inputs were
             given, or the example inputs are rejected by the model.
     """
+    if isinstance(model, torch.export.ExportedProgram):  # its module is what runs; the program is left as it is
+        model, inplace = model.module(), True
     try:
         work = model if inplace else copy.deepcopy(model)
     except RuntimeError as error:
