@@ -381,14 +381,45 @@ def _beyond(row: dict, path: str) -> bool:
     return bool(_num(row, own, 0.0)) and _num(row, err, 0.0) > 1.5 * max(_num(row, own), _num(row, "err_halfulp"))
 
 
-def sweep_one(spec: str, peers: str) -> dict:
-    """Everything measured for one architecture."""
+def sweep_one(spec: str, peers: str, lean: bool = False) -> dict:
+    """Everything measured for one architecture (``lean``: only what :func:`_measure_lean` measures)."""
     row: dict = {"model": spec}
     started = time.perf_counter()
     try:
-        return _measure(spec, peers, row)
+        return _measure_lean(spec, row) if lean else _measure(spec, peers, row)
     finally:
         row["sweep_s"] = round(time.perf_counter() - started, 1)
+
+
+def _measure_lean(spec: str, row: dict) -> dict:
+    """For a model too large for the full sweep: BN total, BN left by ``bnfold.fold`` in place, fold seconds.
+
+    No copies (no float64 truth, no peers, no export), so the peak is about the model and one forward; the
+    row says ``lean`` and has no errors.
+    """
+    import resource
+
+    torch.manual_seed(0)
+    model = build(spec).eval()
+    row["bn_total"], row["lean"] = bn_count(model), True
+    if not row["bn_total"]:
+        return row
+    randomize_batchnorm(model)
+    x = smallest_input(model, spec)
+    if x is None:
+        row["crash"] = "no input size in 32..224 (or the model's own) accepted"
+        return row
+    row["input"] = list(x.shape)
+    row["params_mb"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
+    start = time.perf_counter()
+    _, report = bnfold.fold(model, (x,), inplace=True)
+    row["fold_s"] = round(time.perf_counter() - start, 3)
+    row["bn_left_torch"] = report.bn_kept
+    row["bn_unused_torch"] = sum(1 for e in report.layers if not e.folded and "not called by forward" in e.reason)
+    row["reasons_torch"] = [reason_class(e.reason) for e in report.layers if not e.folded]
+    row["reasons_torch_text"] = [f"{e.name}: {e.reason}"[:200] for e in report.layers if not e.folded]
+    row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return row
 
 
 def _measure(spec: str, peers: str, row: dict) -> dict:
@@ -582,6 +613,11 @@ def summarize(rows: list[dict]) -> None:
         f"\n{len(rows)} architectures, {len(ran)} with BN ran, "
         f"{sum(1 for r in rows if 'crash' in r)} crashed (build or input), "
         f"{sum(1 for r in rows if r.get('bn_total') == 0)} without BN"
+        + (
+            f"; {lean} of them lean (too large for the full sweep: BN counts only)"
+            if (lean := sum(1 for r in ran if r.get("lean")))
+            else ""
+        )
     )
     for key, label in (
         ("bn_total", "BN total"),
@@ -775,6 +811,12 @@ def main() -> None:
         "err_aten, aten_s) in place; run nothing else.",
     )
     parser.add_argument(
+        "--lean",
+        action="store_true",
+        help="Only BN total, BN left by bnfold.fold (in place) and fold seconds: for models too large for the "
+        "full sweep's copies (run one per process: peak_rss_mb is the process's).",
+    )
+    parser.add_argument(
         "--onnx-dynamo",
         nargs="+",
         help="For rows of these JSON files without them: bnfold's ONNX pass on the dynamo exporter's file "
@@ -846,7 +888,7 @@ def main() -> None:
         rows.append({"model": spec, "crash": killed, "attempts": tries.get(spec, 0) + 1})
         _write_rows(out, rows)
         try:
-            row = sweep_one(spec, args.peers)
+            row = sweep_one(spec, args.peers, lean=args.lean)
         except Exception as error:  # noqa: BLE001 - a crash is a result, counted
             row = {"model": spec, "crash": f"{type(error).__name__}: {str(error)[:200]}"}
             row["traceback"] = traceback.format_exc()[-2000:]
