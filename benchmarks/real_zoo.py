@@ -302,6 +302,11 @@ def _onnx_dynamo(spec: str, model: nn.Module, x: torch.Tensor, row: dict) -> Non
         return
     row["bn_left_onnx_dynamo"] = report.bn_kept
     row["reasons_onnx_dynamo"] = [reason_class(e.reason) for e in report.layers if not e.folded]
+    try:
+        run_onnx(exported, [x.numpy()], "ort-cpu")
+    except Exception as error:  # noqa: BLE001 - the exporter's file itself is broken (tv:mc3_18's Conv3d bias)
+        row["onnx_dynamo_crash"] = f"the export itself does not run in ONNX Runtime: {str(error)[:160]}"
+        return
     row["err_onnx_dynamo"] = _worst(run_onnx(folded, [x.numpy()], "ort-cpu"), run_torch64(model, [x.numpy()]))
 
 
