@@ -650,18 +650,26 @@ def summarize(rows: list[dict]) -> None:
     for label, pick in (("the ONNX pass", lambda t, o: o > t), ("bnfold.fold", lambda t, o: t > o)):
         over = [f"{m} ({t} / {o})" for m, t, o in paths if pick(t, o)]
         print(f"  {label} leaves more BN than the other bnfold path (PyTorch / ONNX): {over or 'none'}")
-    dyn = [r for r in ran if isinstance(r.get("bn_left_onnx_dynamo"), int) and isinstance(r.get("bn_left_onnx"), int)]
-    if dyn:
+    dyn = [
+        r
+        for r in ran
+        if isinstance(r.get("bn_left_onnx_dynamo"), int)
+        and isinstance(r.get("bn_left_onnx"), int)
+        and "onnx_dynamo_crash" not in r
+    ]
+    if dyn or any("onnx_dynamo_crash" in r for r in ran):
         more = [
             f"{r['model']} ({r['bn_left_onnx_dynamo']} vs {r['bn_left_onnx']})"
             for r in dyn
             if r["bn_left_onnx_dynamo"] > r["bn_left_onnx"]
         ]
         errors = [r["err_onnx_dynamo"] for r in dyn if isinstance(r.get("err_onnx_dynamo"), float)]
-        largest = f", largest error {max(errors):.1e} of scale" if errors else ""
+        largest = f", largest finite error {max(e for e in errors if e < float('inf')):.1e} of scale" if errors else ""
+        broken = [f"{r['model']} ({r['onnx_dynamo_crash'][:50]})" for r in ran if "onnx_dynamo_crash" in r]
         print(
-            f"  ONNX pass on the dynamo export ({len(dyn)} models{largest}): leaves more BN than on the "
-            f"TorchScript export on {more or 'none'}"
+            f"  ONNX pass on the dynamo export ({len(dyn)} models, {sum(r['bn_total'] for r in dyn)} BN, "
+            f"{sum(r['bn_left_onnx_dynamo'] for r in dyn)} left{largest}): leaves more BN than on the TorchScript "
+            f"export on {more or 'none'}; export failed or does not run in ONNX Runtime: {broken or 'none'}"
         )
     aten = [r for r in ran if isinstance(r.get("bn_left_aten"), int)]
     if aten or any("aten_crash" in r for r in ran):
@@ -672,10 +680,11 @@ def summarize(rows: list[dict]) -> None:
             and r["bn_left_aten"] > r["bn_left_torch"] - r.get("bn_unused_torch", 0)
         ]
         crashed = [f"{r['model']} ({r['aten_crash'][:80]})" for r in ran if "aten_crash" in r]
-        errors = [r["err_aten"] for r in aten if isinstance(r.get("err_aten"), float)]
-        largest = f", largest error {max(errors):.1e} of scale" if errors else ""
+        errors = [r["err_aten"] for r in aten if isinstance(r.get("err_aten"), float) and r["err_aten"] < float("inf")]
+        largest = f", largest finite error {max(errors):.1e} of scale" if errors else ""
         print(
-            f"  torch.export path ({len(aten)} models{largest}): leaves more BN than the module path on "
+            f"  torch.export path ({len(aten)} models, {sum(r['bn_total'] for r in aten)} BN, "
+            f"{sum(r['bn_left_aten'] for r in aten)} left{largest}): leaves more BN than the module path on "
             f"{worse or 'none'}; failed on {crashed or 'none'}"
         )
 
