@@ -491,7 +491,10 @@ def _measure(spec: str, peers: str, row: dict) -> dict:
             row["diagnosis_verify_onnx"] = _verdict(kept, folded_proto, x)[1]
         if _beyond(row, "onnx"):
             row["diagnosis_onnx"] = diagnosis(kept, folded_proto, x)
-        row["bn_left_ort_basic"] = _ort_basic(kept)
+        try:
+            row["bn_left_ort_basic"] = _ort_basic(kept)
+        except Exception as error:  # noqa: BLE001 - a peer failing is a result (it cannot save a model over 2 GB)
+            row["bn_left_ort_basic"] = f"failed: {type(error).__name__}: {str(error)[:120]}"
         if peers == "all":
             row["bn_left_onnxsim"] = _onnxsim(kept)
     except Exception as error:  # noqa: BLE001
