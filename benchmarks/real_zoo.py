@@ -203,18 +203,15 @@ def _errors(
     after, so a large model's copies are not all held at once. None where every output is empty (a
     detector's boxes: its modules are measured through :func:`probe`, its ONNX file cannot be).
     """
-    truths = {} if truths is None else truths  # by input and whether the candidate is a module (probed) or ONNX
+    truths = {} if truths is None else truths
     worst: list[float | None] = []
     for candidate in candidates:
         c = candidate() if isinstance(candidate, functools.partial) else candidate
-        module, error = isinstance(c, nn.Module), None
+        module, error = isinstance(c, nn.Module), None  # a module is measured through its probe, ONNX is not
         for d, xi in enumerate(_inputs(x)):
             inputs = [xi.numpy()]
-            key = (tuple(x.shape), d, module and probe(spec, model) is not model)
-            if key not in truths:
-                truths[key] = run_torch64(probe(spec, model) if module else model, inputs)
             got = run_torch(probe(spec, c), inputs) if module else run_onnx(c, inputs, "ort-cpu")
-            error = _worst(got, truths[key], error)
+            error = _worst(got, _truth(spec, model, x, d, module, truths), error)
         worst.append(error)
         del c
     return worst
@@ -246,11 +243,15 @@ def _noise_error(spec: str, model: nn.Module, x: torch.Tensor) -> float | None:
     return max((e for e in errors if e is not None), default=None)
 
 
-def _errors_truth(spec: str, model: nn.Module, x: torch.Tensor, truths: dict) -> list:
-    """The float64 outputs of ``model`` (probed) on ``x``, from ``truths`` as :func:`_errors` keeps them."""
-    key = (tuple(x.shape), 0, probe(spec, model) is not model)
+def _truth(spec: str, model: nn.Module, x: torch.Tensor, draw: int, probed: bool, truths: dict) -> list:
+    """The float64 outputs of ``model`` (through :func:`probe` if ``probed``) on input ``draw`` of :func:`_inputs`.
+
+    Kept in ``truths`` (outputs only) so that every measurement on one model shares them: each costs a float64 copy.
+    """
+    probed = probed and probe(spec, model) is not model  # only a detector's probe computes something else
+    key = (tuple(x.shape), draw, probed)
     if key not in truths:
-        truths[key] = run_torch64(probe(spec, model), [x.numpy()])
+        truths[key] = run_torch64(probe(spec, model) if probed else model, [_inputs(x)[draw].numpy()])
     return truths[key]
 
 
@@ -276,8 +277,7 @@ def _aten(spec: str, model: nn.Module, x: torch.Tensor, row: dict) -> None:
         return
     row["bn_left_aten"] = report.bn_kept
     row["reasons_aten"] = [reason_class(e.reason) for e in report.layers if not e.folded]
-    truth = _errors_truth(spec, model, x, {})
-    row["err_aten"] = _worst(run_torch(folded, [x.numpy()]), truth)
+    row["err_aten"] = _worst(run_torch(folded, [x.numpy()]), _truth(spec, model, x, 0, True, {}))
 
 
 def _onnx_dynamo(spec: str, model: nn.Module, x: torch.Tensor, row: dict) -> None:
@@ -307,7 +307,7 @@ def _onnx_dynamo(spec: str, model: nn.Module, x: torch.Tensor, row: dict) -> Non
     except Exception as error:  # noqa: BLE001 - the exporter's file itself is broken (tv:mc3_18's Conv3d bias)
         row["onnx_dynamo_crash"] = f"the export itself does not run in ONNX Runtime: {str(error)[:160]}"
         return
-    row["err_onnx_dynamo"] = _worst(run_onnx(folded, [x.numpy()], "ort-cpu"), run_torch64(model, [x.numpy()]))
+    row["err_onnx_dynamo"] = _worst(run_onnx(folded, [x.numpy()], "ort-cpu"), _truth(spec, model, x, 0, False, {}))
 
 
 def _fill(path: Path, key: str, measure: Callable[[str, nn.Module, torch.Tensor, dict], None]) -> None:
@@ -345,7 +345,7 @@ def _fold_error64(
         ``(fold error, weight-rounding error)``, each the largest over the outputs, of each output's scale.
     """
     inputs = [x.numpy()]
-    truth = _errors_truth(spec, model, x, truths if truths is not None else {})
+    truth = _truth(spec, model, x, 0, True, truths if truths is not None else {})
     folded64, _ = bnfold.fold(copy.deepcopy(model).double(), (x.double(),), inplace=True)  # one float64 copy
     exact = _worst(run_torch(probe(spec, folded64), inputs), truth)  # run_torch: in the model's dtype
     with torch.no_grad():
@@ -396,6 +396,34 @@ def sweep_one(spec: str, peers: str, lean: bool = False) -> dict:
         row["sweep_s"] = round(time.perf_counter() - started, 1)
 
 
+def _torch_path(spec: str, row: dict, inplace: bool) -> tuple[nn.Module, torch.Tensor, nn.Module, object] | None:
+    """Build the model (seeded), randomise its BN statistics, pick its input and fold it: the PyTorch-path columns.
+
+    Returns:
+        ``(model, input, folded, report)``, or None when there is nothing to fold or no input fits (``row`` says).
+    """
+    torch.manual_seed(0)  # the same random weights on every run: rows compare across runs
+    model = build(spec).eval()
+    row["bn_total"] = bn_count(model)
+    if not row["bn_total"]:
+        return None
+    randomize_batchnorm(model)
+    x = smallest_input(model, spec)
+    if x is None:
+        row["crash"] = "no input size in 32..224 (or the model's own) accepted"
+        return None
+    row["input"] = list(x.shape)
+    start = time.perf_counter()
+    folded, report = bnfold.fold(model, (x,), inplace=inplace)
+    row["fold_s"] = round(time.perf_counter() - start, 3)
+    row["bn_left_torch"] = report.bn_kept
+    # BN modules that forward never calls in eval (an aux head): not in any peer's graph, so counted apart
+    row["bn_unused_torch"] = sum(1 for e in report.layers if not e.folded and "not called by forward" in e.reason)
+    row["reasons_torch"] = [reason_class(e.reason) for e in report.layers if not e.folded]
+    row["reasons_torch_text"] = [f"{e.name}: {e.reason}"[:200] for e in report.layers if not e.folded]
+    return model, x, folded, report
+
+
 def _measure_lean(spec: str, row: dict) -> dict:
     """For a model too large for the full sweep: BN total, BN left by ``bnfold.fold`` in place, fold seconds.
 
@@ -404,50 +432,19 @@ def _measure_lean(spec: str, row: dict) -> dict:
     """
     import resource
 
-    torch.manual_seed(0)
-    model = build(spec).eval()
-    row["bn_total"], row["lean"] = bn_count(model), True
-    if not row["bn_total"]:
-        return row
-    randomize_batchnorm(model)
-    x = smallest_input(model, spec)
-    if x is None:
-        row["crash"] = "no input size in 32..224 (or the model's own) accepted"
-        return row
-    row["input"] = list(x.shape)
-    row["params_mb"] = round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
-    start = time.perf_counter()
-    _, report = bnfold.fold(model, (x,), inplace=True)
-    row["fold_s"] = round(time.perf_counter() - start, 3)
-    row["bn_left_torch"] = report.bn_kept
-    row["bn_unused_torch"] = sum(1 for e in report.layers if not e.folded and "not called by forward" in e.reason)
-    row["reasons_torch"] = [reason_class(e.reason) for e in report.layers if not e.folded]
-    row["reasons_torch_text"] = [f"{e.name}: {e.reason}"[:200] for e in report.layers if not e.folded]
-    row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    row["lean"] = True
+    folded = _torch_path(spec, row, inplace=True)
+    if folded is not None:
+        row["params_mb"] = round(sum(p.numel() * p.element_size() for p in folded[0].parameters()) / 2**20)
+        row["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return row
 
 
 def _measure(spec: str, peers: str, row: dict) -> dict:
-    torch.manual_seed(0)  # the same random weights on every run: rows compare across runs
-    model = build(spec).eval()
-    total = bn_count(model)
-    row["bn_total"] = total
-    if total == 0:
+    done = _torch_path(spec, row, inplace=False)
+    if done is None:
         return row
-    randomize_batchnorm(model)
-    x = smallest_input(model, spec)
-    if x is None:
-        row["crash"] = "no input size in 32..224 (or the model's own) accepted"
-        return row
-    row["input"] = list(x.shape)
-    start = time.perf_counter()
-    folded, report = bnfold.fold(model, (x,))
-    row["fold_s"] = round(time.perf_counter() - start, 3)
-    row["bn_left_torch"] = report.bn_kept
-    # BN modules that forward never calls in eval (an aux head): not in any peer's graph, so counted apart
-    row["bn_unused_torch"] = sum(1 for e in report.layers if not e.folded and "not called by forward" in e.reason)
-    row["reasons_torch"] = [reason_class(e.reason) for e in report.layers if not e.folded]
-    row["reasons_torch_text"] = [f"{e.name}: {e.reason}"[:200] for e in report.layers if not e.folded]
+    model, x, folded, _ = done
     noisy = [functools.partial(_half_ulp_noise, model, 100 + k) for k in range(NOISE_DRAWS)]
     truths: dict = {}  # the float64 outputs, shared by every error measured on this model
     row["err_torch"], row["err_own"], *noise = _errors(spec, model, x, folded, model, *noisy, truths=truths)

@@ -579,12 +579,13 @@ def _conditioning(
     if not isinstance(exact, torch.Tensor) or tuple(exact.shape) != np.shape(truth):
         return ""
     same = isinstance(kernel, torch.Tensor) and kernel.shape == exact.shape
+    where = f"in {str(kernel.dtype).removeprefix('torch.')} on CPU" if same else ""
     return _amplified(
         f"'{name}'",
         [t.numpy() for t in truth_in],
         [t.float().numpy() for t in own_in],
         [t.float().numpy() for t in given_in],
-        (exact.numpy(), kernel.float().numpy() if same else None, f"in {kernel.dtype} on CPU".replace("torch.", "")),
+        (exact.numpy(), kernel.float().numpy() if same else None, where),
         truth,
         own_out,
         diverged,
