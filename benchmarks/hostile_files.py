@@ -43,7 +43,7 @@ class Case:
 
 def _model(nodes, outputs, inits=(), inputs=()):
     graph = helper.make_graph(nodes, "g", list(inputs), outputs, initializer=list(inits))
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def _save(model, path: Path) -> None:

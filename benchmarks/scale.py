@@ -103,7 +103,7 @@ def build(path: Path, blocks: int, channels: int, spatial: int = 8, seed: int = 
         [helper.make_tensor_value_info(previous, TensorProto.FLOAT, [1, channels, spatial, spatial])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     path.write_bytes(model.SerializeToString())
     return offset

@@ -8,15 +8,18 @@
 # output to OUTDIR/steps.log, gpu_check's JSON to OUTDIR/gpu_check.json.
 # On this workplace's lent H200 (2026-11-28: torch 2.11.0+cu130, onnxruntime 1.30.0 without CUDA, no onnxsim) the
 # whole run took 345 s with SUITE_TIMEOUT=180; onnxsim went along as a wheel (.whl/, pip --target, PYTHONPATH).
+# 2026-12-04 (same versions): every step but the suite 383 s; the suite (683 tests) needs over 210 s on 14 workers.
+# ONLY="cuda_tests suite suite_failed_rerun" reruns just those steps.
 set -u
 out=${1:-gpu_out}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 t=$(mktemp -d)
-step() {  # step NAME EXPECTED_RC CMD...
+step() {  # step NAME EXPECTED_RC CMD...; ONLY="name name ..." runs just those steps (a rerun of what failed)
   local name=$1 want=$2 start rc
   shift 2
+  [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
   echo "=== $name"
   start=$(date +%s)
   "$@" >"$t/$name.log" 2>&1
@@ -40,8 +43,13 @@ step torchrun_cpu_on_gpu_machine 0 $py -m torch.distributed.run --standalone --n
 step torchrun_cuda_1 0 $py -m torch.distributed.run --standalone --nproc-per-node 1 -m bnfold train --arch resnet-tiny --steps 20 --device cuda --sync-bn -o "$t/ddp1.pt" --json
 gpus=$($py -c 'import torch; print(torch.cuda.device_count())')
 step torchrun_more_procs_than_gpus 0 bash -c "$py -m torch.distributed.run --standalone --nproc-per-node $((gpus + 1)) -m bnfold train --arch resnet-tiny --steps 20 --device cuda -o $t/ddp2.pt 2>&1 | grep 'needs one GPU per process'"
-# SIGINT at the time limit: pytest still prints what failed and the slowest tests
-step suite 0 timeout -s INT "${SUITE_TIMEOUT:-300}" $py -m pytest -p no:cacheprovider -n "${SUITE_WORKERS:-8}" --timeout 240 -rfE --durations 25 tests
+# -v (pyproject's -q taken off): each test's verdict is printed as it ends, so a run stopped at the time limit still names what failed
+# (xdist loses the end-of-run report on SIGINT); OUTDIR/suite_failed.txt lists them
+step suite 0 timeout -s INT "${SUITE_TIMEOUT:-300}" $py -m pytest -p no:cacheprovider -n "${SUITE_WORKERS:-8}" --timeout 240 -o addopts= -v --tb=short -rfE --durations 25 tests
+grep -E "(FAILED|ERROR) tests/" "$out/steps.log" | sed 's/^.*\(FAILED\|ERROR\) /\1 /' | sort -u >"$out/suite_failed.txt"
+# the failures again, alone, for their tracebacks (a suite stopped at its time limit prints none)
+ids=$(grep -oE "tests/[^ ]+::[^ ]+" "$out/suite_failed.txt" | sort -u | tr '\n' ' ')
+[ -z "$ids" ] || step suite_failed_rerun 0 timeout -s INT "${RERUN_TIMEOUT:-120}" $py -m pytest -p no:cacheprovider -n 4 --timeout 100 --tb=short -rfE $ids
 echo "=== summary"
 cat "$out/summary.txt"
 ! grep -q FAIL "$out/summary.txt"

@@ -136,3 +136,39 @@ def test_fuzzed_files_fail_only_cleanly(files, tmp_path_factory, positions, valu
             fold_onnx(loaded.model)
     except BnfoldError as error:
         assert str(error)
+
+
+def test_onnx_runtime_refusing_a_file_says_why_in_one_line(files):
+    """ORT's refusal keeps its reason, not the C++ source line and signature that fill the first 200 characters."""
+    from bnfold.deploy.onnx_reference import run_ort
+
+    model = onnx.load(files / "good.onnx")
+    model.ir_version = 99  # newer than any onnxruntime: a file written by a newer onnx than the runtime
+    with pytest.raises(BnfoldError) as error:
+        run_ort(model, {})
+    message = str(error.value)
+    assert "Unsupported model IR version: 99" in message and "upgrade onnxruntime" in message, message
+    assert "onnxruntime_src" not in message and "::" not in message and len(message.splitlines()) == 1
+
+
+def test_onnx_runtime_messages_lose_only_their_cpp_source_lines():
+    from bnfold.deploy.onnx_reference import ort_message
+
+    seen = (  # onnxruntime 1.30.0 on the H200, for a file with IR version 14
+        "[ONNXRuntimeError] : 1 : FAIL : Load model from /tmp/m.onnx failed:/onnxruntime_src/onnxruntime/core/graph/"
+        "model.cc:202 onnxruntime::Model::Model(onnx::ModelProto&&, const onnxruntime::PathString&, const "
+        "onnxruntime::IOnnxRuntimeOpSchemaRegistryList*, const onnxruntime::logging::Logger&, const "
+        "onnxruntime::ModelOptions&) Unsupported model IR version: 14, max supported IR version: 13"
+    )
+    assert ort_message(seen) == (
+        "Load model from /tmp/m.onnx failed: Unsupported model IR version: 14, max supported IR version: 13"
+    )
+    kernel = (
+        "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while running Conv node. "
+        "Name:'c' Status Message: /onnxruntime_src/onnxruntime/core/providers/cpu/nn/conv.cc:100 virtual "
+        "onnxruntime::common::Status onnxruntime::Conv<float>::Compute(onnxruntime::OpKernelContext*) const "
+        "X num_dims does not match W num_dims"
+    )
+    assert ort_message(kernel).endswith("Status Message: X num_dims does not match W num_dims")
+    plain = "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input: x"
+    assert ort_message(plain) == "Got invalid dimensions for input: x"  # nothing else is cut

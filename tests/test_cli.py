@@ -117,6 +117,7 @@ def test_fold_onnx_file(tmp_path):
 
 def test_user_architecture_from_the_working_directory(tmp_path):
     """`--arch mymodels:build` imports mymodels.py from where the console script runs."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -129,8 +130,13 @@ def test_user_architecture_from_the_working_directory(tmp_path):
     model = randomized(torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU()))
     torch.save(model.state_dict(), tmp_path / "w.pt")
     script = Path(sys.executable).parent / "bnfold"
+    if not script.exists():  # bnfold on PYTHONPATH, not installed: the script pip would write, outside the cwd
+        (tmp_path / "bin").mkdir()
+        script = tmp_path / "bin" / "bnfold"
+        script.write_text("import sys\nfrom bnfold.cli import main\nsys.exit(main())\n")
     run = subprocess.run(
         [
+            *([] if os.access(script, os.X_OK) else [sys.executable]),
             str(script),
             "fold",
             "w.pt",

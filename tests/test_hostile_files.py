@@ -99,7 +99,7 @@ def _decomposed(const_shape_values):
         [helper.make_tensor_value_info("y", 1, [1, 4, 4, 4])],
         initializer=inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_constant_budget_is_a_setting(monkeypatch):

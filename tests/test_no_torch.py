@@ -46,7 +46,7 @@ def conv_bn_model(channels: int = 4, blocks: int = 2, seed: int = 0) -> onnx.Mod
         [helper.make_tensor_value_info(previous, TensorProto.FLOAT, [2, channels, 6, 6])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
 

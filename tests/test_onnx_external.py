@@ -144,7 +144,7 @@ def test_typed_fields_strings_and_subgraph_tensors_survive_streamed_writes(tmp_p
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [40, 40])],
         [big, words],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 17)])
     for external in (False, True):
         out = save_onnx(model, tmp_path / f"m{external}.onnx", external_data=external)
         back = onnx.load(str(out))

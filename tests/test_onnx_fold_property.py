@@ -89,7 +89,7 @@ def _build(blocks, widths, groups, seed):
         [helper.make_tensor_value_info(y, TensorProto.FLOAT, [2, 3])],
         b.inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model_gen_version(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model, full_check=True)
     return model
 

@@ -223,9 +223,26 @@ def test_no_running_stats_is_kept():
 def test_eps_zero_affine_false_momentum_none(affine):
     x = torch.randn(2, 3, 5, 5)
     bn = nn.BatchNorm2d(4, eps=0.0, affine=affine, momentum=None)
+    try:  # torch 2.11 refuses eps=0 even in eval mode; 2.13 only in training
+        bn.eval()(torch.randn(2, 4, 3, 3))
+    except ValueError:  # the model cannot run on this torch: refused in one line, naming torch's reason
+        with pytest.raises(BnfoldError, match="rejected the example inputs: ValueError: batch_norm eps must be"):
+            _fold(nn.Sequential(nn.Conv2d(3, 4, 3), bn), x)
+        return
     model, folded, report = _fold(nn.Sequential(nn.Conv2d(3, 4, 3), bn), x)
     assert report.bn_folded == 1
     assert_equivalent(model, folded, x)
+
+
+def test_a_model_failing_on_the_example_inputs_is_refused_with_its_own_error(capfd):
+    """Not fx's ShapeProp wrapper (a node dump) and not the traceback it prints: the model's error, one line."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, eps=-1.0))  # torch refuses eps < 0 on every version
+    with pytest.raises(BnfoldError) as error:
+        bnfold.fold(model, torch.randn(2, 3, 5, 5))
+    assert str(error.value) == (
+        "the model rejected the example inputs: ValueError: batch_norm eps must be non-negative, but got -1.0"
+    )
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_negative_variance_is_kept_with_reason():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import numpy as np
@@ -13,7 +14,7 @@ from bnfold.errors import BnfoldError, first_line
 from bnfold.onnx_fold.files import session_source
 from bnfold.onnx_fold.tensors import decode
 
-__all__ = ["as_float64", "reference_float64", "run_ort"]
+__all__ = ["as_float64", "ort_message", "reference_float64", "run_ort"]
 
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
 
@@ -172,5 +173,37 @@ def ort_errors() -> Iterator[None]:
     except Exception as error:
         if not type(error).__module__.startswith("onnxruntime"):
             raise
-        first = first_line(error, 200)
-        raise BnfoldError(f"ONNX Runtime cannot run the model ({first[:200]})") from None
+        message = ort_message(first_line(error, 2000))
+        if "Unsupported model IR version" in message:
+            message += "; this onnxruntime is older than the file's format: upgrade onnxruntime"
+        raise BnfoldError(f"ONNX Runtime cannot run the model ({message[:300]})") from None
+
+
+_ORT_STATUS = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_SOURCE = re.compile(r"/\S*onnxruntime_src/\S+:\d+ ")
+
+
+def ort_message(text: str) -> str:
+    """ONNX Runtime's error text without its status prefix and the C++ source line and signature it quotes.
+
+    ``[ONNXRuntimeError] : 1 : FAIL : Load model from m.onnx failed:/onnxruntime_src/.../model.cc:202
+    onnxruntime::Model::Model(onnx::ModelProto&&, ...) Unsupported model IR version: 14, max supported IR
+    version: 13`` becomes ``Load model from m.onnx failed: Unsupported model IR version: 14, max supported IR
+    version: 13``: what the user needs, inside the length an error line allows.
+    """
+    text = _ORT_STATUS.sub("", text.strip())
+    source = _ORT_SOURCE.search(text)
+    if source is None:
+        return text
+    rest = text[source.end() :]
+    opening = rest.find("(")
+    if opening < 0 or "::" not in rest[:opening]:  # no C++ signature after the source line
+        return f"{text[: source.start()].rstrip()} {rest}".strip()
+    depth, end = 0, opening
+    while end < len(rest):  # to the parenthesis closing the signature's argument list
+        depth += (rest[end] == "(") - (rest[end] == ")")
+        if depth == 0:
+            break
+        end += 1
+    rest = re.sub(r"^\s*const\b", "", rest[end + 1 :]).strip()
+    return f"{text[: source.start()].rstrip()} {rest}".strip()

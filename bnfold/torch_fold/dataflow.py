@@ -12,6 +12,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import io
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -228,7 +229,9 @@ def trace(model: nn.Module, example_inputs: tuple | None) -> DataFlow:
         graph = tracer.trace(model)
     gm = fx.GraphModule(tracer.root, graph)
     if example_inputs is not None:
-        with torch.no_grad():  # a forward with grad leaves non-leaf tensors behind (spectral_norm's weight)
+        # no grad: a forward with grad leaves non-leaf tensors behind (spectral_norm's weight); ShapeProp prints
+        # the traceback of a model's error before raising it again: the caller reports it in one line instead
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*example_inputs)
     modules = dict(model.named_modules())
     tensors = {name: t for name, t in list(model.named_parameters()) + list(model.named_buffers())}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnfold.errors import BnfoldError, first_line
+from bnfold.errors import BnfoldError, first_line, innermost_line
 from bnfold.report import FoldReport, LayerEntry, MergeEntry
 from bnfold.rules import RULES, fold_graph
 from bnfold.rules.driver import merge_all, record_merge
@@ -211,13 +211,13 @@ def fold(
         try:
             flow = record(work, inputs)
         except Exception as run_error:  # noqa: BLE001
-            raise BnfoldError(f"the model rejected the example inputs: {run_error}") from None
+            raise BnfoldError(f"the model rejected the example inputs: {innermost_line(run_error)}") from None
     else:
         if inputs is not None:
             try:
                 flow = trace(work, inputs)
             except Exception as run_error:  # noqa: BLE001
-                raise BnfoldError(f"the model rejected the example inputs: {run_error}") from None
+                raise BnfoldError(f"the model rejected the example inputs: {innermost_line(run_error)}") from None
     folded, entries, merges = _fold_flow(work, flow, merge_branches)
     if merges:
         folded, merges = _fold_merged(folded, inputs, entries, merges)
