@@ -442,3 +442,43 @@ def test_an_onnx_runtimes_inaccurate_kernel_is_named(op, relative, named):
     said = _onnx_conditioning(graph(w1), candidate, "y", x, "ort-cpu", lucky, diverged, (1e-4, 1e-5))
     assert ("its own rounding there" in said) is named, said
     assert "ill-conditioned" not in said
+
+
+class _Parallel(torch.nn.Module):
+    """Both convs run before either activation: run order cannot tell which one feeds ``act1``."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1, self.act1 = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU()
+        self.c2, self.b2, self.act2 = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU()
+
+    def forward(self, x):
+        u, v = self.b1(self.c1(x)), self.b2(self.c2(x))
+        return self.act1(u) + self.act2(v)
+
+
+class _Gated(torch.nn.Module):
+    """A block's output times a gate computed after it (an SE): the block ran before the gate's last module."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.b, self.act = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU()
+        self.pool, self.g, self.gate = torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(3, 4, 1), torch.nn.Sigmoid()
+
+    def forward(self, x):
+        y = self.b(self.c(x))
+        return self.act(y * self.gate(self.g(self.pool(x))))
+
+
+@pytest.mark.parametrize(
+    ("module", "wrong", "named", "not_named"), [(_Parallel, "c1", "c1", "c2"), (_Gated, "c", "c", "g")]
+)
+def test_divergence_names_the_layers_feeding_it_not_those_run_beside_it(module, wrong, named, not_named):
+    model = randomized(module())
+    folded, _ = bnfold.fold(model)
+    with torch.no_grad():
+        getattr(folded, wrong).weight[0, 0, 0, 0] += 0.5
+    divergence = verify(model, folded, input_shapes=[(2, 3, 8, 8)], power=False).runtimes[0].first_divergence
+    feeding = divergence.split("layers feeding it since the last matching values: ")[1].split(";")[0].split(", ")
+    assert feeding == [named], divergence
+    assert not_named not in feeding

@@ -490,7 +490,7 @@ def _torch_divergence(
     own = _torch_intermediates(reference, inputs, float64=False, skip=skip, ignore=own_identity)
     order: list[str] = []
     got = _torch_intermediates(candidate, inputs, float64=False, skip=skip, ignore=own_identity, order=order)
-    last_good, between = None, []
+    last_good, between, matched = None, [], set()
     for name in order:
         module = modules.get(name)
         if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
@@ -502,9 +502,14 @@ def _torch_divergence(
         check = _check([value], [truth[name]], rtol, None, atol_factor, noise)[0]
         if check.passed:
             last_good, between = name, []
+            matched.add(name)
             continue
         where = f"after '{last_good}'" if last_good else "from the input"
-        layers = f"; layers run in between: {', '.join(between)}" if between else ""
+        feeding = _feeding_layers(candidate, name, matched, order)
+        if feeding is not None:  # the data flow is known: the layers whose outputs reach this one
+            layers = f"; layers feeding it since the last matching values: {', '.join(feeding)}" if feeding else ""
+        else:
+            layers = f"; layers run in between: {', '.join(between)}" if between else ""
         conditioning = _conditioning(
             reference, candidate, name, inputs, truth[name], own.get(name), check.stats.scaled_max, (rtol, atol_factor)
         )
@@ -513,6 +518,47 @@ def _torch_divergence(
             f"{check.stats.scaled_max:.3g} of its scale{layers}{conditioning}"
         )
     return None
+
+
+def _feeding_layers(candidate: nn.Module, name: str, matched: set[str], order: list[str]) -> list[str] | None:
+    """The Conv/Linear modules whose outputs reach module ``name``'s input without passing a matching value.
+
+    Walks the candidate's data flow (torch.fx, no run) back from ``name``'s first call and stops at modules whose
+    outputs matched the truth (``matched``) and at the model's inputs: a wrong fold that makes ``name`` diverge lies
+    among the layers returned, in run order (``order``). Run order alone would also name layers of parallel
+    branches and miss one that ran before the last matching module but feeds this one (a block whose output is
+    multiplied by an SE gate computed after it).
+
+    Returns:
+        The layers, or None when fx cannot trace the candidate or ``name`` is not one of its calls.
+    """
+    from torch import nn
+
+    from bnfold.torch_fold.dataflow import trace
+
+    try:
+        flow = trace(candidate, None)
+    except Exception:  # noqa: BLE001 - fx fails in many ways on user code
+        return None
+    start = next((c for c in flow.calls if c.op == "module" and c.target == name), None)
+    if start is None:
+        return None
+    found: set[str] = set()
+    seen: set[int] = set()
+    pending = list(start.inputs)
+    while pending:
+        value = pending.pop()
+        call = flow.producer(value)
+        if value in seen or call is None:
+            continue
+        seen.add(value)
+        if call.op == "module" and call.target in matched:
+            continue
+        if call.op == "module" and isinstance(flow.modules.get(call.target), nn.modules.conv._ConvNd | nn.Linear):
+            found.add(call.target)
+        pending.extend(call.inputs)
+    rank = {n: i for i, n in enumerate(order)}
+    return sorted(found, key=lambda n: rank.get(n, len(rank)))
 
 
 ILL_CONDITIONED = 0.5  # the exact layer on the candidate's input is off by at least this share of the divergence
