@@ -221,20 +221,45 @@ HALF_ULP = 2.0**-24  # float32 rounding moves a value by at most this much of it
 NOISE_DRAWS = 2
 
 
-def _half_ulp_noise(model: nn.Module, seed: int) -> nn.Module:
-    """A copy of ``model`` with every float parameter and buffer moved by a random relative +-2**-24.
+HALF_ULP64 = 2.0**-53  # the same for float64
+FOLD64_TOL = 1e-9  # a float64 fold error above this (of scale) gets the float64 half-ulp yardstick
+
+
+def _half_ulp_noise(
+    model: nn.Module, seed: int, relative: float = HALF_ULP, dtype: torch.dtype | None = None
+) -> nn.Module:
+    """A copy of ``model`` (in ``dtype`` if given) with every float parameter and buffer moved by a random relative
+    +-``relative`` (2**-24 by default).
 
     That is as far as rounding a float64-computed weight to float32 moves it (what storing a
     fold's weights does), so the copy's error is a yardstick of how much float32 weight rounding
     alone costs this model: chaotic random-weight models turn half-ulp changes into large errors.
+    With ``dtype=torch.float64`` and ``relative=HALF_ULP64`` it is the same yardstick for a fold computed in float64.
     """
     noisy = copy.deepcopy(model)
+    if dtype is not None:
+        noisy = noisy.to(dtype)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for tensor in [*noisy.parameters(), *noisy.buffers()]:
             if tensor.is_floating_point():
-                tensor.mul_(1 + (torch.rand(tensor.shape, generator=generator, dtype=torch.float64) * 2 - 1) * HALF_ULP)
+                tensor.mul_(1 + (torch.rand(tensor.shape, generator=generator, dtype=torch.float64) * 2 - 1) * relative)
     return noisy
+
+
+def _noise_error64(spec: str, model: nn.Module, x: torch.Tensor, row: dict) -> None:
+    """Fill ``err_halfulp64``: the original in float64 with every weight moved by a float64 half ulp, vs itself.
+
+    The yardstick for a float64 fold error above ``FOLD64_TOL``: a model that turns a 1e-16 weight change into
+    that much output change amplifies float64 rounding the same way, so its float64 fold cannot be closer.
+    """
+    truth = _truth(spec, model, x, 0, True, {})
+    worst = None
+    for k in range(NOISE_DRAWS):
+        noisy = _half_ulp_noise(model, 100 + k, HALF_ULP64, torch.float64)
+        worst = _worst(run_torch(probe(spec, noisy), [x.double().numpy()]), truth, worst)
+        del noisy
+    row["err_halfulp64"] = worst
 
 
 def _noise_error(spec: str, model: nn.Module, x: torch.Tensor) -> float | None:
@@ -453,6 +478,8 @@ def _measure(spec: str, peers: str, row: dict) -> dict:
         row["err_torch64"], row["err_weights32"] = _fold_error64(spec, model, x, truths)
     except Exception as error:  # noqa: BLE001 - a model that does not run in float64 (a fixed dtype inside)
         row["err_torch64"] = f"failed: {type(error).__name__}: {str(error)[:100]}"
+    if isinstance(row.get("err_torch64"), float) and row["err_torch64"] > FOLD64_TOL:
+        _noise_error64(spec, model, x, row)
     # verify's verdict only: its power measurement (planted weight changes) would double the sweep's time
     row["verify_torch"], said = _verdict(model, folded, x)
     if said:
@@ -485,7 +512,7 @@ def _measure(spec: str, peers: str, row: dict) -> dict:
         row["err_onnx"], row["err_onnx_own"] = _errors(spec, model, x, folded_proto, kept, truths=truths)
         row["verify_onnx"] = bnfold.verify(model, folded_proto, input_shapes=[tuple(x.shape)], power=False).passed
         if not row["verify_onnx"]:  # the torch original cannot be compared layer by layer with ONNX: the export can
-            row["diagnosis_verify_onnx"] = _verdict(kept, folded_proto, x)[1]
+            row["diagnosis_verify_onnx"] = _onnx_verdict(model, kept, folded_proto, x)
         if _beyond(row, "onnx"):
             row["diagnosis_onnx"] = diagnosis(kept, folded_proto, x)
         try:
@@ -716,9 +743,11 @@ def summarize(rows: list[dict]) -> None:
     )
     exact = [r["err_torch64"] for r in ran if isinstance(r.get("err_torch64"), float)]
     inexact = [
-        f"{r['model']} ({r['err_torch64']:.1e}; own float32 error {_num(r, 'err_own'):.1e})"
+        f"{r['model']} ({r['err_torch64']:.1e}; own float32 error {_num(r, 'err_own'):.1e}"
+        + (f"; float64 half-ulp weight noise {r['err_halfulp64']:.1e}" if r.get("err_halfulp64") is not None else "")
+        + ")"
         for r in ran
-        if isinstance(r.get("err_torch64"), float) and r["err_torch64"] > 1e-9
+        if isinstance(r.get("err_torch64"), float) and r["err_torch64"] > FOLD64_TOL
     ]
     if exact:
         print(
@@ -766,6 +795,40 @@ def _add_noise(path: Path) -> None:
         _write_rows(path, rows)
 
 
+def _add_noise64(path: Path) -> None:
+    """Add ``err_halfulp64`` to the rows of ``path`` whose float64 fold error is over ``FOLD64_TOL``."""
+    rows = json.loads(path.read_text())
+    for row in rows:
+        if not (isinstance(row.get("err_torch64"), float) and row["err_torch64"] > FOLD64_TOL):
+            continue
+        if row.get("err_halfulp64") is not None:
+            continue
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            model, x = _rebuild(row)
+            _noise_error64(row["model"], model, x, row)
+        print(
+            f"{row['model']}: float64 fold {row['err_torch64']:.1e}, float64 half-ulp noise {row['err_halfulp64']:.1e}"
+        )
+        _write_rows(path, rows)
+
+
+def _onnx_verdict(model: nn.Module, kept: object, folded: object, x: torch.Tensor) -> str:
+    """Where the folded ONNX file fails verify against the module: what verify says against the BN-keeping export.
+
+    verify cannot localise between a module and an ONNX file; the export has the same value names as the fold, so
+    it can there. Where the fold passes against the export, whether the export itself (no fold) passes against the
+    module says if the difference is the exporter's and ONNX Runtime's, not the fold's.
+    """
+    said = _verdict(kept, folded, x)[1]
+    if said:
+        return said
+    export_passes = bnfold.verify(model, kept, input_shapes=[tuple(x.shape)], power=False).passed
+    return "passes on the export" + (
+        "" if export_passes else "; the export itself (no fold) fails verify against the module too"
+    )
+
+
 def _diagnose(path: Path, kinds: tuple[str, ...] = ("torch", "onnx")) -> None:
     """Add what verify says to the rows of ``path`` over both yardsticks or failing verify, for paths ``kinds``."""
     rows = json.loads(path.read_text())
@@ -791,7 +854,7 @@ def _diagnose(path: Path, kinds: tuple[str, ...] = ("torch", "onnx")) -> None:
                 if "onnx" in paths:
                     row["diagnosis_onnx"] = diagnosis(kept, folded_proto, x)
                 if "onnx" in failed:
-                    row["diagnosis_verify_onnx"] = _verdict(kept, folded_proto, x)[1] or "passes on the export"
+                    row["diagnosis_verify_onnx"] = _onnx_verdict(model, kept, folded_proto, x)
         for key in [f"diagnosis_{p}" for p in paths] + [f"diagnosis_verify_{p}" for p in failed]:
             print(f"{spec} {key}: {row[key]}")
         _write_rows(path, rows)
@@ -816,7 +879,8 @@ def main() -> None:
         "--add-noise",
         nargs="+",
         help="For rows of these JSON files over 1.5x their own error: add err_halfulp (the original under "
-        "half-ulp weight noise) in place; run nothing else.",
+        "half-ulp weight noise); for rows whose float64 fold error is over 1e-9: add err_halfulp64 (the same in "
+        "float64); in place; run nothing else.",
     )
     parser.add_argument(
         "--aten",
@@ -860,6 +924,7 @@ def main() -> None:
             _fill(Path(path), "bn_left_onnx_dynamo", _onnx_dynamo)
         for path in args.add_noise or []:
             _add_noise(Path(path))
+            _add_noise64(Path(path))
         for path in args.diagnose or []:
             _diagnose(Path(path), tuple(args.diagnose_paths))
         return

@@ -482,3 +482,74 @@ def test_divergence_names_the_layers_feeding_it_not_those_run_beside_it(module, 
     feeding = divergence.split("layers feeding it since the last matching values: ")[1].split(";")[0].split(", ")
     assert feeding == [named], divergence
     assert not_named not in feeding
+
+
+class _Shifted(torch.nn.Module):
+    """``2 x``, computed as ``((x + shift) - shift) * 2``: exact in float64, float32 loses the low bits."""
+
+    def __init__(self, shift: float = 0.0):
+        super().__init__()
+        self.shift = shift
+
+    def forward(self, x):
+        return ((x + self.shift) - self.shift) * 2
+
+
+@pytest.mark.parametrize(("shift", "relative", "named"), [(1e4, 0.0, True), (0.0, 1e-2, False), (1e4, 1e-2, False)])
+def test_a_candidates_own_float32_arithmetic_is_told_from_a_wrong_weight(shift, relative, named):
+    """Right weights that round worse in float32 (a merged block sums in another order) diverge, and the candidate
+    in float64 on its stored weights passes there: named as its float32 arithmetic. A wrong weight is wrong in
+    float64 too: never named so."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), _Shifted()).eval()
+    candidate = _nudged(model, "0.weight", relative) if relative else __import__("copy").deepcopy(model)
+    candidate[1].shift = shift
+    result = verify(model, candidate, input_shapes=[(4, 8)], power=False)
+    said = result.runtimes[0].first_divergence
+    assert not result.passed and said.startswith("module '1' (_Shifted)"), said
+    assert ("its weights are right there: the candidate computed in float64" in said) is named, said
+    assert "ill-conditioned" not in said
+
+
+@pytest.mark.parametrize(("shift", "relative", "named"), [(1e4, 0.0, True), (0.0, 1e-2, False)])
+def test_an_onnx_candidates_own_float32_arithmetic_is_told_from_a_wrong_weight(shift, relative, named):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 16)).astype(np.float32)
+
+    def graph(weight, shift):  # the candidate computes 2 h as (h + shift - shift) * 2, the reference as h * 2
+        shifted = [
+            onnx.helper.make_node("Add", ["h", "shift"], ["up"]),
+            onnx.helper.make_node("Sub", ["up", "shift"], ["down"]),
+            onnx.helper.make_node("Mul", ["down", "two"], ["y"]),
+        ]
+        if shift is None:
+            shifted = [onnx.helper.make_node("Mul", ["h", "two"], ["y"])]
+        return onnx.helper.make_model_gen_version(
+            onnx.helper.make_graph(
+                [onnx.helper.make_node("MatMul", ["x", "w"], ["h"]), *shifted],
+                "g",
+                [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 8])],
+                [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 16])],
+                [
+                    numpy_helper.from_array(weight, "w"),
+                    *([] if shift is None else [numpy_helper.from_array(np.array(shift, np.float32), "shift")]),
+                    numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+                ],
+            ),
+            opset_imports=[onnx.helper.make_opsetid("", 17)],
+        )
+
+    signs = rng.integers(0, 2, w.shape) * 2 - 1
+    candidate = graph((w * (1 + relative * signs)).astype(np.float32), shift)
+    result = verify(graph(w, None), candidate, power=False)
+    said = result.runtimes[0].first_divergence
+    assert not result.passed and said, said
+    assert ("its weights are right there: the candidate computed in float64" in said) is named, said
+
+
+def test_a_wrong_fold_is_not_called_float32_arithmetic():
+    model, folded = _folded()
+    with torch.no_grad():
+        folded.layers[1].conv2.weight[0, 0, 0, 0] += 0.5
+    said = verify(model, folded, input_shapes=[(2, 1, 8, 8)], power=False).runtimes[0].first_divergence
+    assert said and "its weights are right there" not in said

@@ -10,7 +10,9 @@ error there counts as well: a GPU's TF32 convolutions round both models alike. O
 diverging layer is named, from intermediate tensors (forward hooks in torch, extra
 graph outputs in ONNX), each judged like an output, and that layer's conditioning is checked:
 a layer that turns the original's own rounding into an error as large is named ill-conditioned, one
-whose own rounding on the runtime (not its exact value) does so is named as such.
+whose own rounding on the runtime (not its exact value) does so is named as such; where neither holds
+but the candidate run in float64 on its own stored weights passes there, the divergence is the
+candidate's float32 arithmetic (its folded or merged layers round in another order), not a wrong weight.
 
 The rule judges every element on its own scale. With the default tolerances an element
 passes when
@@ -512,12 +514,59 @@ def _torch_divergence(
             layers = f"; layers run in between: {', '.join(between)}" if between else ""
         conditioning = _conditioning(
             reference, candidate, name, inputs, truth[name], own.get(name), check.stats.scaled_max, (rtol, atol_factor)
+        ) or _exact_candidate(
+            _torch_output64(candidate, name, inputs), truth[name], noise, (rtol, atol_factor), "module"
         )
         return (
             f"module '{name}' ({type(module).__name__}) {where}: max abs {check.stats.max_abs:.3g}, "
             f"{check.stats.scaled_max:.3g} of its scale{layers}{conditioning}"
         )
     return None
+
+
+def _torch_output64(model: nn.Module, name: str, inputs: list[np.ndarray]) -> np.ndarray | None:
+    """Output of module ``name``'s first call with ``model`` cast to float64 (its stored weights), or None."""
+    import torch
+
+    model = copy.deepcopy(model).eval().cpu().double()
+    captured: list[np.ndarray] = []
+
+    def keep(mod: nn.Module, args: tuple, out: object) -> None:
+        if not captured and isinstance(out, torch.Tensor):
+            captured.append(out.detach().clone().numpy())
+
+    try:
+        _forward(model, inputs, [model.get_submodule(name).register_forward_hook(keep)])
+    except Exception:  # noqa: BLE001 - a model that does not run in float64 (a fixed dtype inside): no verdict
+        return None
+    return captured[0] if captured else None
+
+
+def _exact_candidate(
+    value64: np.ndarray | None,
+    truth: np.ndarray,
+    noise: list[np.ndarray] | None,
+    tolerances: tuple[float, float],
+    kind: str,
+) -> str:
+    """The verdict where the candidate computed in float64 passes at its first divergence, or ``""``.
+
+    ``value64`` is the diverging value with the candidate run in float64 on its own stored weights. A wrong
+    weight, bias or epsilon is wrong at any precision, and this is the same check at the same layer, so passing
+    there leaves only the candidate's float32 arithmetic: folded or merged layers round in another order than the
+    original's, and a model that amplifies rounding makes that a divergence. Whether that is acceptable is the
+    user's call (the error stays reported); it is not a wrong fold.
+    """
+    if value64 is None or np.shape(value64) != np.shape(truth):
+        return ""
+    rtol, atol_factor = tolerances
+    if not _check([np.asarray(value64, dtype=np.float64)], [truth], rtol, None, atol_factor, noise)[0].passed:
+        return ""
+    return (
+        f"; its weights are right there: the candidate computed in float64 on its own stored weights passes at this "
+        f"{kind}, so this divergence is the candidate's float32 arithmetic (folded or merged layers round in another "
+        "order than the original's), not a wrong fold; check with real inputs (--inputs)"
+    )
 
 
 def _feeding_layers(candidate: nn.Module, name: str, matched: set[str], order: list[str]) -> list[str] | None:
@@ -767,6 +816,14 @@ def _onnx_conditioning(
     )
 
 
+def _onnx_output64(model: onnx.ModelProto, name: str, inputs: list[np.ndarray], runtime: str) -> np.ndarray | None:
+    """Value ``name`` with ``model`` run in float64 by the reference evaluator (its stored weights), or None."""
+    try:
+        return _onnx_intermediates(model, [name], inputs, True, runtime).get(name)
+    except Exception:  # noqa: BLE001 - an op the float64 evaluator does not run: no verdict
+        return None
+
+
 def _onnx_intermediates(
     model: onnx.ModelProto,
     names: list[str],
@@ -829,6 +886,12 @@ def _first_divergence(
         if not check.passed:
             conditioning = _onnx_conditioning(
                 reference, candidate, name, inputs, runtime, own.get(name), check.stats.scaled_max, (rtol, atol_factor)
+            ) or _exact_candidate(
+                _onnx_output64(candidate, name, inputs, runtime),
+                truth[name],
+                noise,
+                (rtol, atol_factor),
+                "node",
             )
             return (
                 f"{describe[name]}: max abs {check.stats.max_abs:.3g}, {check.stats.scaled_max:.3g} of its scale"
