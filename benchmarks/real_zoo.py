@@ -142,6 +142,65 @@ def _ort_basic(proto) -> int:  # noqa: ANN001
         return onnx_bn(onnx.load(options.optimized_model_filepath, load_external_data=False))
 
 
+def _ort_basic_outputs(proto, inputs: list) -> list:  # noqa: ANN001
+    """Outputs of ONNX Runtime's CPU session at its basic level (its own Conv+BN fusion, in float32) on ``inputs``."""
+    import onnxruntime as ort
+
+    from bnfold.onnx_fold.files import session_source
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    session = ort.InferenceSession(session_source(proto), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, dict(zip(names, inputs, strict=True)))
+
+
+def _peer_errors(spec: str, model: nn.Module, x: torch.Tensor, row: dict) -> None:
+    """Fill ``err_fuse`` (torch.fx ``fuse``, weights folded in float32) and ``err_ort_basic`` (ONNX Runtime's basic
+    level on the BN-keeping export): the peers' own errors on the sweep's inputs, beside bnfold's two results."""
+    truths: dict = {}
+    try:
+        fused = torch.fx.experimental.optimization.fuse(copy.deepcopy(model))
+        row["err_fuse"] = _errors(spec, model, x, fused, truths=truths)[0]
+        del fused
+    except Exception as error:  # noqa: BLE001 - a peer failing is a result
+        row["err_fuse"] = f"failed: {type(error).__name__}"
+    try:
+        xo = torch.randn(row["input_onnx"], generator=torch.Generator().manual_seed(0)) if "input_onnx" in row else x
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            kept = export_keeping_bn(model, (xo,))
+        worst = None
+        for d, xi in enumerate(_inputs(xo)):
+            worst = _worst(_ort_basic_outputs(kept, [xi.numpy()]), _truth(spec, model, xo, d, False, truths), worst)
+        row["err_ort_basic"] = worst
+    except Exception as error:  # noqa: BLE001
+        row["err_ort_basic"] = f"failed: {type(error).__name__}: {str(error)[:100]}"
+
+
+def _add_peer_errors(path: Path, every: int = 0) -> None:
+    """Add the peers' errors (:func:`_peer_errors`) to the rows of ``path`` over 1.5x their own error, and with
+    ``every`` to every ``every``-th row (marked ``peer_sample``: an unbiased sample for rates), in place."""
+    rows = json.loads(path.read_text())
+    for i, row in enumerate(rows):
+        sampled = bool(every) and i % every == 0 and bool(row.get("bn_total")) and not row.get("lean")
+        if sampled:
+            row["peer_sample"] = True
+        if not (_over(row) or sampled) or "err_ort_basic" in row:
+            continue
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            model, x = _rebuild(row)
+            _peer_errors(row["model"], model, x, row)
+        print(
+            f"{row['model']}: own {row.get('err_own')} / ONNX own {row.get('err_onnx_own')}; bnfold torch "
+            f"{row.get('err_torch')}, fx fuse {row['err_fuse']}; bnfold ONNX {row.get('err_onnx')}, ORT basic "
+            f"{row['err_ort_basic']}",
+            flush=True,
+        )
+        _write_rows(path, rows)
+
+
 def _onnxsim(proto) -> int:  # noqa: ANN001
     import onnxsim
 
@@ -724,11 +783,23 @@ def summarize(rows: list[dict]) -> None:
     print(f"  bnfold verify MISMATCH (torch or ONNX result): {failed or 'none'}")
     beyond = []  # ... and against the original's error when its weights move by half an ulp (float32 rounding)
     high = []  # each path against the original's own float32 error on the same runtime (PyTorch, ONNX Runtime)
+    peers: dict[str, list[bool]] = {"fx fuse": [], "ORT basic": []}  # the peer on the same result: over 1.5x too?
     for r in ran:
         for path, err, own in (("torch", "err_torch", "err_own"), ("onnx", "err_onnx", "err_onnx_own")):
             if _num(r, own, 0.0) and _num(r, err, 0.0) > 1.5 * _num(r, own, 0.0):
                 weights = f"; float32 weights alone {r['err_weights32']:.1e}" if "err_weights32" in r else ""
                 noise = f"; half-ulp weight noise {r['err_halfulp']:.1e}" if r.get("err_halfulp") else ""
+                peer_key, peer_name, peer_left = (
+                    ("err_fuse", "fx fuse", "bn_left_fuse")
+                    if path == "torch"
+                    else ("err_ort_basic", "ORT basic", "bn_left_ort_basic")
+                )
+                peer = r.get(peer_key)
+                # a peer that folded fewer BN than bnfold computes a less changed model: not a like-for-like error
+                folded_as_much = isinstance(r.get(peer_left), int) and r[peer_left] <= _num(r, f"bn_left_{path}", -1)
+                if isinstance(peer, float) and folded_as_much:
+                    peers[peer_name].append(peer > 1.5 * r[own])
+                    noise += f"; {peer_name} {peer / r[own]:.2f}x"
                 high.append(
                     f"{r['model']} {path} {r[err]:.1e} vs own {r[own]:.1e} ({r[err] / r[own]:.2f}x{weights}{noise})"
                 )
@@ -736,6 +807,36 @@ def summarize(rows: list[dict]) -> None:
                     said = r.get(f"diagnosis_{path}")
                     beyond.append(high[-1] + (f" [verify: {said}]" if said else ""))
     print(f"  max error over 1.5x the original's own float32 error ({DRAWS} inputs): {high or 'none'}")
+    if any(peers.values()):
+        said = ", ".join(f"{name} {sum(v)} of {len(v)}" for name, v in peers.items() if v)
+        print(
+            "  on those results, the peer on the same runtime (where measured and it folds as many BN) is over 1.5x "
+            f"too: {said}"
+        )
+    sample = [r for r in ran if r.get("peer_sample")]
+    if sample:
+        rates = []
+        for path, err, own, peer_err, peer_left in (
+            ("torch", "err_torch", "err_own", "err_fuse", "bn_left_fuse"),
+            ("onnx", "err_onnx", "err_onnx_own", "err_ort_basic", "bn_left_ort_basic"),
+        ):
+            both = [
+                r
+                for r in sample
+                if _num(r, own, 0.0)
+                and isinstance(r.get(err), float)
+                and isinstance(r.get(peer_err), float)
+                and isinstance(r.get(peer_left), int)
+                and r[peer_left] <= _num(r, f"bn_left_{path}", -1)
+            ]
+            mine = sum(1 for r in both if r[err] > 1.5 * r[own])
+            theirs = sum(1 for r in both if r[peer_err] > 1.5 * r[own])
+            name = "fx fuse" if path == "torch" else "ORT basic"
+            rates.append(f"{path}: bnfold {mine} of {len(both)}, {name} {theirs} of {len(both)}")
+        print(
+            f"  over 1.5x the original's own error on an unbiased sample ({len(sample)} models, --peer-every; "
+            f"where the peer folds as many BN): {'; '.join(rates)}"
+        )
     measured = sum(1 for r in ran if r.get("err_halfulp") is not None)
     print(
         f"  of those, also over 1.5x the original's error under half-ulp weight noise ({measured} models measured): "
@@ -883,6 +984,18 @@ def main() -> None:
         "float64); in place; run nothing else.",
     )
     parser.add_argument(
+        "--peer-errors",
+        nargs="+",
+        help="For rows of these JSON files over 1.5x their own error: add err_fuse and err_ort_basic (the peers' "
+        "errors vs float64 on the same inputs) in place; run nothing else.",
+    )
+    parser.add_argument(
+        "--peer-every",
+        type=int,
+        default=0,
+        help="With --peer-errors: also every N-th row, as an unbiased sample for the rate of results over 1.5x.",
+    )
+    parser.add_argument(
         "--aten",
         nargs="+",
         help="For rows of these JSON files without them: add the torch.export path's columns (bn_left_aten, "
@@ -917,7 +1030,9 @@ def main() -> None:
     parser.add_argument("--peers", choices=["basic", "all"], default="basic")
     parser.add_argument("--json", default=str(Path(__file__).with_name("real_zoo.json")))
     args = parser.parse_args()
-    if args.add_noise or args.diagnose or args.aten or args.onnx_dynamo:
+    if args.add_noise or args.diagnose or args.aten or args.onnx_dynamo or args.peer_errors:
+        for path in args.peer_errors or []:
+            _add_peer_errors(Path(path), args.peer_every)
         for path in args.aten or []:
             _fill(Path(path), "bn_left_aten", _aten)
         for path in args.onnx_dynamo or []:
