@@ -1,6 +1,6 @@
 """Mutation testing of `verify`: detection rate of planted real changes, passes of rounding-level ones, power.
 
-Usage: python benchmarks/verify_mutations.py [--per-kind 12] [--json benchmarks/verify_mutations.json]
+Usage: python benchmarks/verify_mutations.py [--per-kind 12] [--onnx] [--json benchmarks/verify_mutations.json]
 
 For each zoo model (random BN statistics, folded by bnfold): changes of each kind in
 bnfold.deploy.mutations.REAL_KINDS, in random layers, with relative sizes drawn log-uniformly
@@ -9,7 +9,10 @@ A change is "real" when its exact (float64) effect exceeds verify's bound by 2x 
 on verify's inputs; those must be MISMATCH, rounding-level ones PASS. "smallest caught" is
 the smallest relative size verify flagged: its power on these inputs. "excused" counts real
 changes caught whose localisation carries a verdict that clears the fold (ill-conditioned
-layer, a layer's own rounding, the candidate's float32 arithmetic): it must be 0.
+layer, a layer's own rounding, the candidate's float32 arithmetic): it must be 0. With ``--onnx``
+each candidate is the mutated module's ONNX export (BN kept), checked on ONNX Runtime against
+the module, as ``bnfold fold CKPT -o x.onnx --verify`` checks a fold
+(``benchmarks/verify_mutations_onnx.json``).
 """
 
 from __future__ import annotations
@@ -32,12 +35,29 @@ from bnfold.deploy.verify import verify  # noqa: E402
 EXCUSES = ("ill-conditioned there", "its own rounding there", "its weights are right there")
 
 
+def _candidate(model: object, shapes: list[tuple[int, ...]], onnx: bool) -> object:
+    """The module itself, or with ``onnx`` its ONNX export (BN kept, at the check's input shape)."""
+    if not onnx:
+        return model
+    import torch
+
+    from bnfold.deploy.export import export_keeping_bn
+
+    example = torch.randn(shapes[0], generator=torch.Generator().manual_seed(0))  # the global RNG stays untouched
+    return export_keeping_bn(model, (example,), dynamic_batch=False)
+
+
 def main() -> None:
     """Print the table and write JSON."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--per-kind", type=int, default=12)
-    parser.add_argument("--json", default=str(Path(__file__).with_suffix(".json")))
+    parser.add_argument("--onnx", action="store_true", help="Candidates are the mutated modules' ONNX exports.")
+    parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.json is None:
+        args.json = str(
+            Path(__file__).with_name("verify_mutations_onnx.json" if args.onnx else "verify_mutations.json")
+        )
     rows = []
     print(
         f"{'model':<15} {'real':>5} {'caught':>6} {'excused':>7} {'rounding':>8} {'passed':>6} {'between':>7}  "
@@ -56,7 +76,7 @@ def main() -> None:
                 mutation = plant(model if kind == "bn-statistic" else folded, kind, rng, size)
                 if mutation is None:
                     continue
-                result = verify(model, mutation.model, input_shapes=shapes)
+                result = verify(model, _candidate(mutation.model, shapes, args.onnx), input_shapes=shapes)
                 flagged = not result.passed
                 said = " ".join(r.first_divergence or "" for r in result.runtimes)
                 if flagged and kind not in ("sign-flip", "transposed-kernel"):
@@ -70,7 +90,7 @@ def main() -> None:
         for _ in range(args.per_kind):
             mutation = plant_rounding(folded, rng)
             rounding += 1
-            passed += verify(model, mutation.model, input_shapes=shapes).passed
+            passed += verify(model, _candidate(mutation.model, shapes, args.onnx), input_shapes=shapes).passed
         power = ", ".join(f"{k} {v:.1e}" for k, v in sorted(smallest.items()))
         print(
             f"{name:<15} {real:>5} {caught:>6} {excused:>7} {rounding:>8} {passed:>6} {between:>7}  {power}", flush=True

@@ -43,3 +43,31 @@ def test_rounding_level_changes_pass(name):
         mutation = plant_rounding(folded, rng)
         result = verify(model, mutation.model, input_shapes=shapes)
         assert result.passed, (mutation.layer, str(result))
+
+
+def _exported(module, shapes):
+    import torch
+
+    from bnfold.deploy.export import export_keeping_bn
+
+    example = torch.randn(shapes[0], generator=torch.Generator().manual_seed(0))
+    return export_keeping_bn(module, (example,), dynamic_batch=False)
+
+
+@pytest.mark.parametrize("name", ["cnn-bn", "resnet-tiny", "deconv-groups"])
+def test_real_changes_in_an_onnx_candidate_are_caught_and_rounding_passes(name):
+    """An exported candidate checked against the module on ONNX Runtime (``fold CKPT -o x.onnx --verify``)."""
+    model, folded, shapes = _pair(name)
+    assert verify(model, _exported(folded, shapes), input_shapes=shapes).passed
+    rng = np.random.default_rng(2)
+    planted = 0
+    for kind in REAL_KINDS:
+        mutation = plant(model if kind == "bn-statistic" else folded, kind, rng, 0.1)
+        if mutation is None or effect(model, mutation.model, shapes) <= 2.0:
+            continue
+        planted += 1
+        result = verify(model, _exported(mutation.model, shapes), input_shapes=shapes, power=False)
+        assert not result.passed, (kind, mutation.layer, mutation.detail)
+    assert planted >= 3
+    mutation = plant_rounding(folded, rng)
+    assert verify(model, _exported(mutation.model, shapes), input_shapes=shapes, power=False).passed
