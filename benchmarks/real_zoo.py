@@ -930,6 +930,30 @@ def _onnx_verdict(model: nn.Module, kept: object, folded: object, x: torch.Tenso
     )
 
 
+def _reverify_onnx(path: Path) -> None:
+    """Run verify again on the ONNX results of ``path`` that failed it (a newer verify), in place."""
+    rows = json.loads(path.read_text())
+    for row in rows:
+        if row.get("verify_onnx") is not False:
+            continue
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            model, x = _rebuild(row)
+            x = torch.randn(row.get("input_onnx", row["input"]), generator=torch.Generator().manual_seed(0))
+            kept = export_keeping_bn(model, (x,))
+            folded_proto = bnfold.fold_onnx(kept)[0]
+            row["verify_onnx"] = bnfold.verify(model, folded_proto, input_shapes=[tuple(x.shape)], power=False).passed
+            row.pop("diagnosis_verify_onnx", None)
+            # a detector's ONNX localisation holds every intermediate of the float64 evaluator (over 20 GB)
+            if not row["verify_onnx"] and probe(row["model"], model) is model:
+                row["diagnosis_verify_onnx"] = _onnx_verdict(model, kept, folded_proto, x)
+        print(
+            f"{row['model']}: verify_onnx {row['verify_onnx']} {str(row.get('diagnosis_verify_onnx', ''))[:200]}",
+            flush=True,
+        )
+        _write_rows(path, rows)
+
+
 def _diagnose(path: Path, kinds: tuple[str, ...] = ("torch", "onnx")) -> None:
     """Add what verify says to the rows of ``path`` over both yardsticks or failing verify, for paths ``kinds``."""
     rows = json.loads(path.read_text())
@@ -996,6 +1020,12 @@ def main() -> None:
         help="With --peer-errors: also every N-th row, as an unbiased sample for the rate of results over 1.5x.",
     )
     parser.add_argument(
+        "--reverify-onnx",
+        nargs="+",
+        help="For rows of these JSON files whose ONNX result failed verify: run verify again (a newer verify), in "
+        "place; run nothing else.",
+    )
+    parser.add_argument(
         "--aten",
         nargs="+",
         help="For rows of these JSON files without them: add the torch.export path's columns (bn_left_aten, "
@@ -1030,7 +1060,9 @@ def main() -> None:
     parser.add_argument("--peers", choices=["basic", "all"], default="basic")
     parser.add_argument("--json", default=str(Path(__file__).with_name("real_zoo.json")))
     args = parser.parse_args()
-    if args.add_noise or args.diagnose or args.aten or args.onnx_dynamo or args.peer_errors:
+    if args.add_noise or args.diagnose or args.aten or args.onnx_dynamo or args.peer_errors or args.reverify_onnx:
+        for path in args.reverify_onnx or []:
+            _reverify_onnx(Path(path))
         for path in args.peer_errors or []:
             _add_peer_errors(Path(path), args.peer_every)
         for path in args.aten or []:

@@ -553,3 +553,42 @@ def test_a_wrong_fold_is_not_called_float32_arithmetic():
         folded.layers[1].conv2.weight[0, 0, 0, 0] += 0.5
     said = verify(model, folded, input_shapes=[(2, 1, 8, 8)], power=False).runtimes[0].first_divergence
     assert said and "its weights are right there" not in said
+
+
+def test_an_onnx_candidate_is_allowed_the_rounding_of_the_references_own_export():
+    """A module reference of an ONNX candidate also runs as its own export on the candidate's runtime."""
+    model, folded = _folded()
+    candidate = export_keeping_bn(folded, (torch.randn(2, 1, 8, 8),), dynamic_batch=False)
+    result = verify(model, candidate, input_shapes=[(2, 1, 8, 8)], power=False)
+    assert result.passed and result.runtimes[0].reference_error, str(result)
+    assert any("as its own ONNX export" in n for n in result.notes)
+    with torch.no_grad():
+        folded.layers[1].conv2.weight[0] *= 1.01  # a wrong fold is still caught beside the wider allowance
+    wrong = export_keeping_bn(folded, (torch.randn(2, 1, 8, 8),), dynamic_batch=False)
+    assert not verify(model, wrong, input_shapes=[(2, 1, 8, 8)], power=False).passed
+
+
+class _Branchy(torch.nn.Module):
+    """A data-dependent branch: a trace freezes the one its example took."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y if x.mean() > 0.25 else -y
+
+
+def test_a_references_export_that_is_off_the_module_does_not_widen_the_allowance():
+    """The export froze the branch of verify's first draw, so it is wrong on the others; a candidate frozen the
+    same way is as wrong there. Counted as noise, the export's error would let that candidate pass."""
+    from bnfold.deploy.verify import _draws
+
+    model = randomized(_Branchy()).eval()
+    first = torch.from_numpy(_draws([((2, 3, 8, 8), np.float32)], 3)[0][0])
+    assert first.mean() < 0.25  # the first draw takes the other branch than the two after it
+    frozen = export_keeping_bn(model, (first,), dynamic_batch=False)
+    result = verify(model, frozen, input_shapes=[(2, 3, 8, 8)], power=False)
+    assert not result.passed, str(result)
+    assert any("the export itself is off the module" in n for n in result.notes), result.notes

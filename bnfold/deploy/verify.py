@@ -986,10 +986,16 @@ def verify(
     rtol = default_rtol if rtol is None else rtol
     batches = _input_draws(reference, candidate, inputs, input_shapes, draws)
     own_runtime = "torch-cpu" if is_module(reference) else "ort-cpu"
+    notes: list[str] = []
     # the reference also runs on each candidate runtime it can run on: its rounding there (TF32 convolutions on
-    # a GPU, another runtime's kernels) is noise the candidate may show too
+    # a GPU, another runtime's kernels) is noise the candidate may show too. A module reference of an ONNX
+    # candidate runs there as its own export (BN kept): the exporter's ops and ONNX Runtime's kernels round it
     same_kind = TORCH_RUNTIMES if is_module(reference) else ONNX_RUNTIMES
     also_here = [r for r in runtimes if r != own_runtime and r in same_kind]
+    twin = _exported_twin(reference, batches[0], notes) if is_module(reference) and not candidate_is_module else None
+    if twin is not None:
+        also_here = list(runtimes)
+    twin_refused = False
     results: dict[str, list[OutputCheck] | None] = {r: None for r in runtimes}
     reference_here: dict[str, list[OutputCheck] | None] = {r: None for r in also_here}
     reference_error: list[OutputCheck] | None = None
@@ -1003,16 +1009,34 @@ def verify(
         for runtime in runtimes:
             noise = own
             if runtime in reference_here:
-                here = _run(reference, batch, runtime)
-                reference_here[runtime] = _worst(
-                    reference_here[runtime], _check(here, truth, rtol, atol, atol_factor, here)
-                )
-                noise = _noisier(own, here, truth)
+                here = _run(twin if twin is not None else reference, batch, runtime)
+                usable = [np.shape(h) for h in here] == [np.shape(o) for o in own]
+                if usable and twin is not None:
+                    # the export must itself match the module within the module's own rounding: a trace that
+                    # froze a branch or a numpy call into a constant would otherwise widen the allowance
+                    usable = all(c.passed for c in _check(here, truth, rtol, atol, atol_factor, own))
+                    twin_refused = twin_refused or not usable
+                if usable:
+                    reference_here[runtime] = _worst(
+                        reference_here[runtime], _check(here, truth, rtol, atol, atol_factor, here)
+                    )
+                    noise = _noisier(own, here, truth)
             checks = _check(_run(candidate, batch, runtime), truth, rtol, atol, atol_factor, noise)
             if not all(c.passed for c in checks):
                 failing_batch.setdefault(runtime, batch)
             results[runtime] = _worst(results[runtime], checks)
-    notes = []
+    if twin is not None:
+        notes.append(
+            "the reference also ran on the candidate's runtime as its own ONNX export (BN kept); its rounding there "
+            "counts as noise"
+            + (
+                ""
+                if not twin_refused
+                else "; on some draws the export itself is off the module beyond the module's own rounding, so a "
+                "mismatch there may be the exporter's or ONNX Runtime's rather than the fold's (the export's "
+                "rounding is not counted on those draws)"
+            )
+        )
     own_worst = max((o.stats.scaled_max for o in reference_error or []), default=0.0)
     if own_worst > ROUNDING_DOMINATES:
         notes.append(
@@ -1048,6 +1072,28 @@ def verify(
         notes=notes,
         power=measured,
     )
+
+
+def _exported_twin(reference: nn.Module, batch: list[np.ndarray], notes: list[str]) -> onnx.ModelProto | None:
+    """The reference module exported to ONNX with its BN kept, to run on an ONNX candidate's runtime, or None.
+
+    The candidate (a folded export) rounds like an export on ONNX Runtime, not like the module in torch; the
+    reference's export shows how much of that is the exporter's and the runtime's, which a fold did not cause.
+    It is used only on draws where it matches the module within the module's own rounding.
+    """
+    import torch
+
+    from bnfold.deploy.export import export_keeping_bn
+
+    try:
+        example = tuple(torch.from_numpy(np.array(x)) for x in batch)
+        return export_keeping_bn(copy.deepcopy(reference), example, dynamic_batch=False)
+    except Exception as error:  # noqa: BLE001 - a model neither exporter takes: only its torch rounding counts
+        notes.append(
+            f"the reference could not be exported to ONNX to run on the candidate's runtime "
+            f"({type(error).__name__}): only its rounding in torch counts as noise"
+        )
+        return None
 
 
 def _fresh_like(batch: list[np.ndarray]) -> list[np.ndarray]:
