@@ -126,31 +126,34 @@ def smallest_input(model: nn.Module, spec: str) -> torch.Tensor | None:
     return None
 
 
-def _ort_basic(proto) -> int:  # noqa: ANN001
-    import onnx
-    import onnxruntime as ort
-
-    from bnfold.onnx_fold.files import session_source
-
-    with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = str(Path(tmp) / "basic.onnx")
-        # weights beside the optimized file: a model over 2 GB cannot be written inline
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "basic.data")
-        ort.InferenceSession(session_source(proto), options, providers=["CPUExecutionProvider"])
-        return onnx_bn(onnx.load(options.optimized_model_filepath, load_external_data=False))
-
-
-def _ort_basic_outputs(proto, inputs: list) -> list:  # noqa: ANN001
-    """Outputs of ONNX Runtime's CPU session at its basic level (its own Conv+BN fusion, in float32) on ``inputs``."""
+def _ort_basic_session(proto, saved: str | None = None) -> object:  # noqa: ANN001
+    """ONNX Runtime's CPU session at its basic level (its own Conv+BN fusion), optionally saving the optimized graph."""
     import onnxruntime as ort
 
     from bnfold.onnx_fold.files import session_source
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    session = ort.InferenceSession(session_source(proto), options, providers=["CPUExecutionProvider"])
+    if saved:
+        options.optimized_model_filepath = saved
+        # weights beside the optimized file: a model over 2 GB cannot be written inline
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "basic.data")
+    return ort.InferenceSession(session_source(proto), options, providers=["CPUExecutionProvider"])
+
+
+def _ort_basic(proto) -> int:  # noqa: ANN001
+    """BN left in the graph ONNX Runtime's basic level saves."""
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = str(Path(tmp) / "basic.onnx")
+        _ort_basic_session(proto, saved)
+        return onnx_bn(onnx.load(saved, load_external_data=False))
+
+
+def _ort_basic_outputs(proto, inputs: list) -> list:  # noqa: ANN001
+    """Outputs of ONNX Runtime's basic level (its Conv+BN fusion computed in float32) on ``inputs``."""
+    session = _ort_basic_session(proto)
     names = [i.name for i in session.get_inputs()]
     return session.run(None, dict(zip(names, inputs, strict=True)))
 
@@ -181,24 +184,22 @@ def _peer_errors(spec: str, model: nn.Module, x: torch.Tensor, row: dict) -> Non
 def _add_peer_errors(path: Path, every: int = 0) -> None:
     """Add the peers' errors (:func:`_peer_errors`) to the rows of ``path`` over 1.5x their own error, and with
     ``every`` to every ``every``-th row (marked ``peer_sample``: an unbiased sample for rates), in place."""
-    rows = json.loads(path.read_text())
-    for i, row in enumerate(rows):
-        sampled = bool(every) and i % every == 0 and bool(row.get("bn_total")) and not row.get("lean")
-        if sampled:
-            row["peer_sample"] = True
-        if not (_over(row) or sampled) or "err_ort_basic" in row:
-            continue
-        with warnings.catch_warnings(), _quiet():
-            warnings.simplefilter("ignore")
-            model, x = _rebuild(row)
-            _peer_errors(row["model"], model, x, row)
-        print(
-            f"{row['model']}: own {row.get('err_own')} / ONNX own {row.get('err_onnx_own')}; bnfold torch "
-            f"{row.get('err_torch')}, fx fuse {row['err_fuse']}; bnfold ONNX {row.get('err_onnx')}, ORT basic "
-            f"{row['err_ort_basic']}",
-            flush=True,
-        )
+    if every:  # marked first, so the sample is the same whichever rows are measured already
+        rows = json.loads(path.read_text())
+        for i, row in enumerate(rows):
+            if i % every == 0 and row.get("bn_total") and not row.get("lean"):
+                row["peer_sample"] = True
         _write_rows(path, rows)
+    _fill_rows(
+        path,
+        lambda row: (_over(row) or bool(row.get("peer_sample"))) and "err_ort_basic" not in row,
+        _peer_errors,
+        lambda row: (
+            f"own {row.get('err_own')} / ONNX own {row.get('err_onnx_own')}; bnfold torch "
+            f"{row.get('err_torch')}, fx fuse {row['err_fuse']}; bnfold ONNX {row.get('err_onnx')}, ORT basic "
+            f"{row['err_ort_basic']}"
+        ),
+    )
 
 
 def _onnxsim(proto) -> int:  # noqa: ANN001
@@ -394,24 +395,44 @@ def _onnx_dynamo(spec: str, model: nn.Module, x: torch.Tensor, row: dict) -> Non
     row["err_onnx_dynamo"] = _worst(run_onnx(folded, [x.numpy()], "ort-cpu"), _truth(spec, model, x, 0, False, {}))
 
 
+def _fill_rows(
+    path: Path,
+    wanted: Callable[[dict], bool],
+    measure: Callable[[str, nn.Module, torch.Tensor, dict], None],
+    say: Callable[[dict], str],
+    onnx_input: bool = False,
+) -> None:
+    """Rebuild each row of ``path`` that is ``wanted`` as the sweep built it, ``measure`` it, print ``say``, in place.
+
+    ``onnx_input``: the input the ONNX export was made at (``input_onnx``) where the row has one.
+    """
+    rows = json.loads(path.read_text())
+    for row in rows:
+        if not wanted(row):
+            continue
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            model, x = _rebuild(row)
+            if onnx_input and "input_onnx" in row:
+                x = torch.randn(row["input_onnx"], generator=torch.Generator().manual_seed(0))
+            measure(row["model"], model, x, row)
+        print(f"{row['model']}: {say(row)}", flush=True)
+        _write_rows(path, rows)
+
+
 def _fill(path: Path, key: str, measure: Callable[[str, nn.Module, torch.Tensor, dict], None]) -> None:
     """Fill the columns ``measure`` writes (``key`` among them) in the rows of ``path`` that lack them, in place."""
-    rows = json.loads(path.read_text())
     crash = key.replace("bn_left_", "") + "_crash"
-    for row in rows:
-        if key in row or crash in row or not row.get("bn_total") or "crash" in row:
-            continue
-        model, x = _rebuild(row)
-        if "input_onnx" in row and key != "bn_left_aten":
-            x = torch.randn(row["input_onnx"], generator=torch.Generator().manual_seed(0))
-        measure(row["model"], model, x, row)
-        left = row.get(key, row.get(crash))
-        print(
-            f"{row['model']}: {key} {left} (PyTorch path {row.get('bn_left_torch')}, ONNX pass "
-            f"{row.get('bn_left_onnx')})",
-            flush=True,
-        )
-        _write_rows(path, rows)
+    _fill_rows(
+        path,
+        lambda row: not (key in row or crash in row or not row.get("bn_total") or "crash" in row),
+        measure,
+        lambda row: (
+            f"{key} {row.get(key, row.get(crash))} (PyTorch path {row.get('bn_left_torch')}, ONNX pass "
+            f"{row.get('bn_left_onnx')})"
+        ),
+        onnx_input=key != "bn_left_aten",
+    )
 
 
 def _fold_error64(
@@ -697,6 +718,23 @@ def behind_a_peer(row: dict) -> list[str]:
     ]
 
 
+def _peer(row: dict, path: str) -> tuple[str, float | None]:
+    """The peer beside a bnfold path (fx ``fuse`` beside the PyTorch path, ORT basic beside the ONNX pass) and its
+    error, or None where unmeasured or where it folded fewer BN than bnfold (a less changed model: not like for like).
+    """
+    name, err, left = (
+        ("fx fuse", "err_fuse", "bn_left_fuse")
+        if path == "torch"
+        else (
+            "ORT basic",
+            "err_ort_basic",
+            "bn_left_ort_basic",
+        )
+    )
+    like = isinstance(row.get(left), int) and row[left] <= _num(row, f"bn_left_{path}", -1)
+    return name, row[err] if like and isinstance(row.get(err), float) else None
+
+
 def summarize(rows: list[dict]) -> None:
     """Print the totals, the failures and the reason classes of a sweep's rows."""
     ran = [r for r in rows if r.get("bn_total") and "crash" not in r]
@@ -789,15 +827,8 @@ def summarize(rows: list[dict]) -> None:
             if _num(r, own, 0.0) and _num(r, err, 0.0) > 1.5 * _num(r, own, 0.0):
                 weights = f"; float32 weights alone {r['err_weights32']:.1e}" if "err_weights32" in r else ""
                 noise = f"; half-ulp weight noise {r['err_halfulp']:.1e}" if r.get("err_halfulp") else ""
-                peer_key, peer_name, peer_left = (
-                    ("err_fuse", "fx fuse", "bn_left_fuse")
-                    if path == "torch"
-                    else ("err_ort_basic", "ORT basic", "bn_left_ort_basic")
-                )
-                peer = r.get(peer_key)
-                # a peer that folded fewer BN than bnfold computes a less changed model: not a like-for-like error
-                folded_as_much = isinstance(r.get(peer_left), int) and r[peer_left] <= _num(r, f"bn_left_{path}", -1)
-                if isinstance(peer, float) and folded_as_much:
+                peer_name, peer = _peer(r, path)
+                if peer is not None:
                     peers[peer_name].append(peer > 1.5 * r[own])
                     noise += f"; {peer_name} {peer / r[own]:.2f}x"
                 high.append(
@@ -816,23 +847,11 @@ def summarize(rows: list[dict]) -> None:
     sample = [r for r in ran if r.get("peer_sample")]
     if sample:
         rates = []
-        for path, err, own, peer_err, peer_left in (
-            ("torch", "err_torch", "err_own", "err_fuse", "bn_left_fuse"),
-            ("onnx", "err_onnx", "err_onnx_own", "err_ort_basic", "bn_left_ort_basic"),
-        ):
-            both = [
-                r
-                for r in sample
-                if _num(r, own, 0.0)
-                and isinstance(r.get(err), float)
-                and isinstance(r.get(peer_err), float)
-                and isinstance(r.get(peer_left), int)
-                and r[peer_left] <= _num(r, f"bn_left_{path}", -1)
-            ]
+        for path, err, own in (("torch", "err_torch", "err_own"), ("onnx", "err_onnx", "err_onnx_own")):
+            both = [r for r in sample if _num(r, own, 0.0) and isinstance(r.get(err), float) and _peer(r, path)[1]]
             mine = sum(1 for r in both if r[err] > 1.5 * r[own])
-            theirs = sum(1 for r in both if r[peer_err] > 1.5 * r[own])
-            name = "fx fuse" if path == "torch" else "ORT basic"
-            rates.append(f"{path}: bnfold {mine} of {len(both)}, {name} {theirs} of {len(both)}")
+            theirs = sum(1 for r in both if _peer(r, path)[1] > 1.5 * r[own])
+            rates.append(f"{path}: bnfold {mine} of {len(both)}, {_peer(sample[0], path)[0]} {theirs} of {len(both)}")
         print(
             f"  over 1.5x the original's own error on an unbiased sample ({len(sample)} models, --peer-every; "
             f"where the peer folds as many BN): {'; '.join(rates)}"
@@ -882,36 +901,24 @@ def _rebuild(row: dict) -> tuple[nn.Module, torch.Tensor]:
 
 
 def _add_noise(path: Path) -> None:
-    """Add ``err_halfulp`` to the rows of ``path`` over 1.5x their own error (rebuilt as the sweep built them)."""
-    rows = json.loads(path.read_text())
-    for row in rows:
-        if not _over(row) or row.get("err_halfulp") is not None:
-            continue
-        spec = row["model"]
-        with warnings.catch_warnings(), _quiet():
-            warnings.simplefilter("ignore")
-            model, x = _rebuild(row)
-            row["err_halfulp"] = _noise_error(spec, model, x)
-        print(f"{spec}: own {row.get('err_own', float('nan')):.1e}, half-ulp weight noise {row['err_halfulp']:.1e}")
-        _write_rows(path, rows)
+    """Add ``err_halfulp`` to the rows of ``path`` over 1.5x their own error (rebuilt as the sweep built them), and
+    ``err_halfulp64`` to those whose float64 fold error is over ``FOLD64_TOL``."""
 
+    def noise(spec: str, model: nn.Module, x: torch.Tensor, row: dict) -> None:
+        row["err_halfulp"] = _noise_error(spec, model, x)
 
-def _add_noise64(path: Path) -> None:
-    """Add ``err_halfulp64`` to the rows of ``path`` whose float64 fold error is over ``FOLD64_TOL``."""
-    rows = json.loads(path.read_text())
-    for row in rows:
-        if not (isinstance(row.get("err_torch64"), float) and row["err_torch64"] > FOLD64_TOL):
-            continue
-        if row.get("err_halfulp64") is not None:
-            continue
-        with warnings.catch_warnings(), _quiet():
-            warnings.simplefilter("ignore")
-            model, x = _rebuild(row)
-            _noise_error64(row["model"], model, x, row)
-        print(
-            f"{row['model']}: float64 fold {row['err_torch64']:.1e}, float64 half-ulp noise {row['err_halfulp64']:.1e}"
-        )
-        _write_rows(path, rows)
+    _fill_rows(
+        path,
+        lambda row: _over(row) and row.get("err_halfulp") is None,
+        noise,
+        lambda row: f"own {row.get('err_own', float('nan')):.1e}, half-ulp weight noise {row['err_halfulp']:.1e}",
+    )
+    _fill_rows(
+        path,
+        lambda row: _num(row, "err_torch64", 0.0) > FOLD64_TOL and row.get("err_halfulp64") is None,
+        _noise_error64,
+        lambda row: f"float64 fold {row['err_torch64']:.1e}, float64 half-ulp noise {row['err_halfulp64']:.1e}",
+    )
 
 
 def _onnx_verdict(model: nn.Module, kept: object, folded: object, x: torch.Tensor) -> str:
@@ -930,28 +937,26 @@ def _onnx_verdict(model: nn.Module, kept: object, folded: object, x: torch.Tenso
     )
 
 
+def _reverify(spec: str, model: nn.Module, x: torch.Tensor, row: dict) -> None:
+    """verify again on a row's folded ONNX result (a newer verify); what it says where it still fails."""
+    kept = export_keeping_bn(model, (x,))
+    folded_proto = bnfold.fold_onnx(kept)[0]
+    row["verify_onnx"] = bnfold.verify(model, folded_proto, input_shapes=[tuple(x.shape)], power=False).passed
+    row.pop("diagnosis_verify_onnx", None)
+    # a detector's ONNX localisation holds every intermediate of the float64 evaluator (over 20 GB)
+    if not row["verify_onnx"] and probe(spec, model) is model:
+        row["diagnosis_verify_onnx"] = _onnx_verdict(model, kept, folded_proto, x)
+
+
 def _reverify_onnx(path: Path) -> None:
     """Run verify again on the ONNX results of ``path`` that failed it (a newer verify), in place."""
-    rows = json.loads(path.read_text())
-    for row in rows:
-        if row.get("verify_onnx") is not False:
-            continue
-        with warnings.catch_warnings(), _quiet():
-            warnings.simplefilter("ignore")
-            model, x = _rebuild(row)
-            x = torch.randn(row.get("input_onnx", row["input"]), generator=torch.Generator().manual_seed(0))
-            kept = export_keeping_bn(model, (x,))
-            folded_proto = bnfold.fold_onnx(kept)[0]
-            row["verify_onnx"] = bnfold.verify(model, folded_proto, input_shapes=[tuple(x.shape)], power=False).passed
-            row.pop("diagnosis_verify_onnx", None)
-            # a detector's ONNX localisation holds every intermediate of the float64 evaluator (over 20 GB)
-            if not row["verify_onnx"] and probe(row["model"], model) is model:
-                row["diagnosis_verify_onnx"] = _onnx_verdict(model, kept, folded_proto, x)
-        print(
-            f"{row['model']}: verify_onnx {row['verify_onnx']} {str(row.get('diagnosis_verify_onnx', ''))[:200]}",
-            flush=True,
-        )
-        _write_rows(path, rows)
+    _fill_rows(
+        path,
+        lambda row: row.get("verify_onnx") is False,
+        _reverify,
+        lambda row: f"verify_onnx {row['verify_onnx']} {str(row.get('diagnosis_verify_onnx', ''))[:200]}",
+        onnx_input=True,
+    )
 
 
 def _diagnose(path: Path, kinds: tuple[str, ...] = ("torch", "onnx")) -> None:
@@ -1071,7 +1076,6 @@ def main() -> None:
             _fill(Path(path), "bn_left_onnx_dynamo", _onnx_dynamo)
         for path in args.add_noise or []:
             _add_noise(Path(path))
-            _add_noise64(Path(path))
         for path in args.diagnose or []:
             _diagnose(Path(path), tuple(args.diagnose_paths))
         return

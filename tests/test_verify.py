@@ -1,5 +1,6 @@
 """verify: passes right folds, catches a planted wrong one and names the layer, by dtype tolerances."""
 
+import copy
 import json
 
 import numpy as np
@@ -232,8 +233,6 @@ class _Cancelling(torch.nn.Module):
 
 
 def test_a_reference_dominated_by_rounding_is_named():
-    import copy
-
     model = _Cancelling().eval()
     result = verify(model, copy.deepcopy(model), input_shapes=[(8, 4)], power=False)
     assert any("dominated by rounding" in n for n in result.notes), result.notes
@@ -257,8 +256,6 @@ class _Step(torch.nn.Module):
 
 def _nudged(model, name, relative):
     """A copy of ``model`` with parameter ``name`` scaled by 1 + relative * (random signs)."""
-    import copy
-
     out = copy.deepcopy(model)
     weight = dict(out.named_parameters())[name]
     signs = torch.randint(0, 2, weight.shape, generator=torch.Generator().manual_seed(1)) * 2 - 1
@@ -502,7 +499,7 @@ def test_a_candidates_own_float32_arithmetic_is_told_from_a_wrong_weight(shift, 
     float64 too: never named so."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), _Shifted()).eval()
-    candidate = _nudged(model, "0.weight", relative) if relative else __import__("copy").deepcopy(model)
+    candidate = _nudged(model, "0.weight", relative) if relative else copy.deepcopy(model)
     candidate[1].shift = shift
     result = verify(model, candidate, input_shapes=[(4, 8)], power=False)
     said = result.runtimes[0].first_divergence
